@@ -1,0 +1,13 @@
+//! Activations whose gradients are exact on every backend.
+
+use burn::tensor::Tensor;
+
+/// GELU, `0.5 · x · (1 + erf(x / √2))`, built from `erf` so autodiff differentiates it exactly.
+///
+/// Burn 0.22's fused `gelu` computes the exact function forward, but its default
+/// `gelu_backward` (used by NdArray and the CubeCL backends; Flex overrides it) is the
+/// derivative of the tanh approximation: gradients then differ between backends by about 1e-3
+/// relative. Composing the function from `erf` keeps forward and backward consistent.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    (x.clone().div_scalar(std::f64::consts::SQRT_2).erf() + 1.0) * x * 0.5
+}

@@ -1,0 +1,63 @@
+//! # peer-core
+//!
+//! The PEER layer of "Mixture of A Million Experts" (X. O. He, arXiv 2407.04153) as Burn 0.22
+//! modules, and the feed-forward layers it is compared against.
+//!
+//! A PEER layer holds N one-neuron experts `e_i(x) = σ(u_i·x) v_i`. For each token, h query
+//! heads retrieve their top-k experts through product keys (exact, O(√N) per query), weight
+//! them with a softmax over the retrieved scores, and sum the results.
+//!
+//! - [`PeerConfig`] / [`Peer`]: the layer (Algorithm 1).
+//! - [`ProductKeys`]: exact product-key top-k retrieval, reusable by other memory layers.
+//! - [`QueryNetwork`]: the h query heads and the query norm.
+//! - [`Experts`]: the two `[N, d_model]` expert tables.
+//! - [`ExpertUsage`]: the paper's expert usage and unevenness statistics.
+//! - Baselines: [`DenseFfw`] (GELU / SwiGLU), [`Moe`] (token- or expert-choice), [`Pkm`]
+//!   (product-key memory), each with a [`LayerCost`] from one formula set ([`cost`]).
+//!
+//! Modules are not generic over a backend: the same `Peer` runs on Flex, NdArray, wgpu or CUDA,
+//! whichever `Device` its tensors live on.
+//!
+//! ```
+//! use burn::tensor::{Device, Distribution, Tensor};
+//! use peer_core::{ExpertUsage, PeerConfig};
+//!
+//! let device = Device::flex();
+//! let config = PeerConfig::new(64, 32 * 32).with_heads(2).with_top_k(4).with_key_dim(32);
+//! let peer = config.init(&device);
+//!
+//! let x = Tensor::<3>::random([2, 8, 64], Distribution::Normal(0.0, 1.0), &device);
+//! let (y, routing) = peer.forward_with_routing(x);
+//! assert_eq!(y.dims(), [2, 8, 64]);
+//!
+//! let mut usage = ExpertUsage::new(config.num_experts);
+//! usage.add_routing(&routing);
+//! assert!(usage.usage() > 0.0);
+//! ```
+#![warn(missing_docs)]
+
+pub mod activation;
+mod config;
+pub mod cost;
+mod dense;
+mod moe;
+mod pkm;
+mod error;
+mod experts;
+mod peer;
+mod product_keys;
+mod query;
+mod topk;
+mod usage;
+
+pub use config::{Activation, Gate, PeerConfig, QueryNorm};
+pub use cost::LayerCost;
+pub use dense::{DenseFfw, DenseFfwConfig, DenseKind};
+pub use moe::{Moe, MoeConfig, MoeRouting};
+pub use pkm::{Pkm, PkmConfig};
+pub use error::ConfigError;
+pub use experts::Experts;
+pub use peer::{Peer, PeerRouting};
+pub use product_keys::{ProductKeys, ProductKeysConfig};
+pub use query::QueryNetwork;
+pub use usage::ExpertUsage;

@@ -1,0 +1,199 @@
+//! The PEER layer (paper Algorithm 1).
+
+use burn::module::Module;
+use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::config::{Gate, PeerConfig};
+use crate::cost::{LayerCost, retrieval_cost};
+use crate::error::ConfigError;
+use crate::experts::Experts;
+use crate::product_keys::{ProductKeys, ProductKeysConfig};
+use crate::query::{QueryNetwork, QueryNetworkSettings};
+
+/// Which experts each token's heads retrieved, and with which router weights.
+///
+/// Used for the paper's expert-usage statistics (see [`ExpertUsage`](crate::ExpertUsage)).
+#[derive(Debug, Clone)]
+pub struct PeerRouting {
+    /// Expert ids in `0..N`, `[batch, seq, heads, k]`.
+    pub expert_ids: Tensor<4, Int>,
+    /// Router weights g, `[batch, seq, heads, k]`.
+    pub router_weights: Tensor<4>,
+}
+
+/// A Parameter Efficient Expert Retrieval layer: a drop-in replacement for a transformer
+/// feed-forward block (no residual inside; the block adds it).
+///
+/// `f(x) = Σ_heads Σ_{i ∈ top-k(q_h(x)·K)} g_i(x) σ(u_i·x) v_i`, with product keys K,
+/// query networks q_h and router weights g = softmax (or sigmoid) of the retrieved scores.
+///
+/// ```
+/// use burn::tensor::{Device, Distribution, Tensor};
+/// use peer_core::{PeerConfig, QueryNorm};
+///
+/// let device = Device::flex();
+/// let peer = PeerConfig::new(32, 16 * 16)
+///     .with_heads(4)
+///     .with_top_k(8)
+///     .with_key_dim(16)
+///     .with_query_norm(QueryNorm::LayerNorm)
+///     .init(&device);
+/// let x = Tensor::<3>::random([2, 5, 32], Distribution::Normal(0.0, 1.0), &device);
+/// let y = peer.forward(x);
+/// assert_eq!(y.dims(), [2, 5, 32]);
+/// ```
+#[derive(Module, Debug)]
+pub struct Peer {
+    /// The h query networks and the query norm.
+    pub query: QueryNetwork,
+    /// The product keys.
+    pub product_keys: ProductKeys,
+    /// The expert pool.
+    pub experts: Experts,
+    /// How scores become router weights.
+    #[module(skip)]
+    pub gate: Gate,
+}
+
+impl PeerConfig {
+    /// Builds the layer on `device`.
+    ///
+    /// Initialisation: query network as Burn's `Linear` (Kaiming uniform); sub-keys
+    /// U(±1/√(key_dim/2)); both expert tables N(0, [`expert_std`](Self::expert_std)²).
+    ///
+    /// # Panics
+    /// If the configuration is invalid, with the [`ConfigError`] message naming the field and
+    /// the rule; use [`try_init`](Self::try_init) to get the error instead.
+    pub fn init(&self, device: &Device) -> Peer {
+        self.try_init(device).unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// Builds the layer, or says which field of the configuration is invalid.
+    pub fn try_init(&self, device: &Device) -> Result<Peer, ConfigError> {
+        self.validate()?;
+        let query = self.query_network().init(device);
+        let product_keys = ProductKeysConfig::new(
+            self.num_experts,
+            self.key_dim,
+            self.top_k,
+            self.heads,
+        )
+        .with_shared(self.shared_keys)
+        .try_init(device)?;
+        let experts = Experts::init(
+            self.num_experts,
+            self.d_model,
+            self.expert_std(),
+            self.activation,
+            device,
+        );
+        Ok(Peer {
+            query,
+            product_keys,
+            experts,
+            gate: self.gate,
+        })
+    }
+}
+
+impl PeerConfig {
+    pub(crate) fn query_network(&self) -> QueryNetworkSettings {
+        QueryNetworkSettings {
+            d_model: self.d_model,
+            heads: self.heads,
+            key_dim: self.key_dim,
+            norm: self.query_norm,
+            bias: self.query_bias,
+            norm_momentum: self.norm_momentum,
+            norm_epsilon: self.norm_epsilon,
+        }
+    }
+}
+
+impl PeerConfig {
+    /// Parameters, active parameters and forward FLOPs per token (formulas in [`crate::cost`]):
+    /// retrieval, plus per retrieved expert a dot product and an axpy of width `d_model`.
+    pub fn cost(&self) -> LayerCost {
+        let retrieval = retrieval_cost(
+            self.d_model,
+            self.heads,
+            self.key_dim,
+            self.num_experts,
+            self.top_k,
+            if self.shared_keys { 1 } else { self.heads },
+            self.query_network().num_params(),
+        );
+        let active = self.heads * self.top_k * self.d_model;
+        LayerCost {
+            params: retrieval.params + 2 * self.num_experts * self.d_model,
+            active_params: retrieval.active_params + 2 * active,
+            flops_per_token: retrieval.flops_per_token + 4.0 * active as f64,
+        }
+    }
+}
+
+impl Peer {
+    /// Applies the layer to every token.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]`
+    /// - output: `[batch, seq, d_model]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_with_routing(x).0
+    }
+
+    /// Applies the layer and also returns what it retrieved.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]`
+    /// - output: `([batch, seq, d_model], routing [batch, seq, heads, k])`
+    pub fn forward_with_routing(&self, x: Tensor<3>) -> (Tensor<3>, PeerRouting) {
+        let [batch, seq, d_model] = x.dims();
+        let tokens = batch * seq;
+        let x = x.reshape([tokens, d_model]);
+
+        let (expert_ids, router_weights) = self.route_tokens(x.clone());
+        let [_, heads, k] = expert_ids.dims();
+        let output = self.experts.forward(
+            x,
+            expert_ids.clone().reshape([tokens, heads * k]),
+            router_weights.clone().reshape([tokens, heads * k]),
+        );
+        let routing = PeerRouting {
+            expert_ids: expert_ids.reshape([batch, seq, heads, k]),
+            router_weights: router_weights.reshape([batch, seq, heads, k]),
+        };
+        (output.reshape([batch, seq, d_model]), routing)
+    }
+
+    /// The experts each token retrieves and their router weights, without computing them.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]`
+    /// - output: routing `[batch, seq, heads, k]`
+    pub fn route(&self, x: Tensor<3>) -> PeerRouting {
+        let [batch, seq, d_model] = x.dims();
+        let (expert_ids, router_weights) = self.route_tokens(x.reshape([batch * seq, d_model]));
+        let [_, heads, k] = expert_ids.dims();
+        PeerRouting {
+            expert_ids: expert_ids.reshape([batch, seq, heads, k]),
+            router_weights: router_weights.reshape([batch, seq, heads, k]),
+        }
+    }
+
+    /// Retrieval and router weights: `(expert_ids [tokens, heads, k], g [tokens, heads, k])`.
+    fn route_tokens(&self, x: Tensor<2>) -> (Tensor<3, Int>, Tensor<3>) {
+        let (scores, expert_ids) = self.product_keys.retrieve(self.query.forward(x));
+        let router_weights = match self.gate {
+            Gate::Softmax => softmax(scores, 2),
+            Gate::Sigmoid => sigmoid(scores),
+        };
+        (expert_ids, router_weights)
+    }
+
+    /// Number of experts N.
+    pub fn num_experts(&self) -> usize {
+        self.experts.num_experts()
+    }
+}

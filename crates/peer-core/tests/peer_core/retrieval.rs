@@ -1,0 +1,92 @@
+//! Acceptance 1: product-key retrieval equals brute-force top-k of q·K over all N keys.
+
+use std::collections::BTreeSet;
+
+use burn::tensor::Device;
+use peer_core::ProductKeysConfig;
+
+use super::reference::{HostKeys, Rng, brute_force_top_k, host, host_int, tensor};
+
+/// 240 random cases over N ∈ {4², 8², 16², 32², 64²}, k ∈ 1..=√N, 1–8 heads, shared and
+/// per-head keys, on Flex (autodiff and plain: the top-k strategy differs by device).
+#[test]
+fn retrieval_equals_brute_force_top_k() {
+    let mut rng = Rng::new(0x5EED);
+    let roots = [4usize, 8, 16, 32, 64];
+    let mut compared = 0;
+    let mut near_ties = 0;
+    for case in 0..240 {
+        let root = roots[case % roots.len()];
+        let k = rng.range(1, root);
+        let heads = rng.range(1, 8);
+        let half = rng.range(1, 6);
+        let key_dim = 2 * half;
+        let shared = rng.uniform() < 0.5;
+        let tokens = rng.range(1, 7);
+        let device = if case % 2 == 0 { Device::flex() } else { Device::flex().autodiff() };
+        let keys = ProductKeysConfig::new(root * root, key_dim, k, heads)
+            .with_shared(shared)
+            .init(&device);
+        let queries = rng.normals(tokens * heads * key_dim, 1.0);
+        let query_values: Vec<f64> = queries.iter().map(|&q| q as f64).collect();
+        let (scores, ids) = keys.retrieve(tensor(queries, [tokens, heads, key_dim], &device));
+        assert_eq!(scores.dims(), [tokens, heads, k], "case {case}");
+        let scores = host(&scores);
+        let ids = host_int(&ids);
+        let host_keys = HostKeys::read(&keys.sub_keys.val());
+
+        for t in 0..tokens {
+            for h in 0..heads {
+                let set = if shared { 0 } else { h };
+                let q = &query_values[(t * heads + h) * key_dim..(t * heads + h + 1) * key_dim];
+                let all = host_keys.brute_force_scores(set, q);
+                let (expected, gap) = brute_force_top_k(&all, k);
+                let slot = (t * heads + h) * k;
+                let got_ids = &ids[slot..slot + k];
+                let got_scores = &scores[slot..slot + k];
+                // Every returned score is the true score of the returned key.
+                for (&id, &score) in got_ids.iter().zip(got_scores) {
+                    assert!(
+                        (score - all[id as usize]).abs() <= 1e-5 * (1.0 + score.abs()),
+                        "case {case}: key {id} scored {score}, brute force {}",
+                        all[id as usize]
+                    );
+                }
+                if gap < 1e-5 {
+                    near_ties += 1;
+                    continue;
+                }
+                let got: BTreeSet<usize> = got_ids.iter().map(|&i| i as usize).collect();
+                let want: BTreeSet<usize> = expected.into_iter().collect();
+                assert_eq!(
+                    got, want,
+                    "case {case}: N = {}, k = {k}, heads = {heads}, shared = {shared}, token {t}, head {h}",
+                    root * root
+                );
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared > 2000, "only {compared} queries compared");
+    assert!(near_ties * 100 < compared, "{near_ties} near-ties out of {compared}");
+}
+
+/// `full_keys` lays key (i, j) out as `[c_i ; c'_j]` at row `i·√N + j`.
+#[test]
+fn full_keys_are_the_cartesian_product() {
+    let device = Device::flex();
+    let keys = ProductKeysConfig::new(9, 4, 2, 2).with_shared(false).init(&device);
+    let host_keys = HostKeys::read(&keys.sub_keys.val());
+    let full = host(&keys.full_keys());
+    assert_eq!(keys.full_keys().dims(), [2, 9, 4]);
+    let mut rng = Rng::new(7);
+    for set in 0..2 {
+        let q: Vec<f64> = (0..4).map(|_| rng.normal()).collect();
+        let brute = host_keys.brute_force_scores(set, &q);
+        for id in 0..9 {
+            let row = &full[(set * 9 + id) * 4..(set * 9 + id + 1) * 4];
+            let score: f64 = row.iter().zip(&q).map(|(a, b)| a * b).sum();
+            assert!((score - brute[id]).abs() < 1e-9);
+        }
+    }
+}
