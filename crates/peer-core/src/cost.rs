@@ -16,7 +16,8 @@
 /// What a feed-forward layer costs.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerCost {
-    /// Every parameter of the layer.
+    /// Every trainable parameter of the layer (BatchNorm running statistics are buffers and
+    /// are not counted; Burn's `Module::num_params` counts them).
     pub params: usize,
     /// Parameters one token touches in a forward pass.
     pub active_params: usize,

@@ -1,6 +1,7 @@
 //! The decoder-only language model, top to bottom.
 
 use burn::module::{Initializer, Module};
+use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{
     Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding,
     RotaryEncodingConfig,
@@ -223,6 +224,22 @@ impl Transformer {
             None => x.matmul(self.embedding.weight.val().transpose().unsqueeze()),
         };
         ModelOutput { logits, aux_loss, routings }
+    }
+
+    /// Next-token cross-entropy of `targets` given `inputs`, plus the auxiliary losses.
+    /// Returns `(training loss = cross-entropy + aux, cross-entropy alone, output)`.
+    ///
+    /// # Shapes
+    /// - `inputs`, `targets`: `[batch, seq]`
+    pub fn loss(&self, inputs: Tensor<2, Int>, targets: Tensor<2, Int>) -> (Tensor<1>, Tensor<1>, ModelOutput) {
+        let [batch, seq] = targets.dims();
+        let output = self.forward(inputs);
+        let vocab = self.vocab_size();
+        let logits = output.logits.clone().reshape([batch * seq, vocab]);
+        let cross_entropy = CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits, targets.reshape([batch * seq]));
+        (cross_entropy.clone() + output.aux_loss.clone(), cross_entropy, output)
     }
 
     /// Longest sequence the model accepts.
