@@ -12,6 +12,7 @@
 //! - [`QueryNetwork`]: the h query heads and the query norm.
 //! - [`Experts`]: the two `[N, d_model]` expert tables.
 //! - [`ExpertUsage`]: the paper's expert usage and unevenness statistics.
+//! - [`interop`]: loading PEER-pytorch (the PyTorch reference) weights.
 //! - Baselines: [`DenseFfw`] (GELU / SwiGLU), [`Moe`] (token- or expert-choice), [`Pkm`]
 //!   (product-key memory), each with a [`LayerCost`] from one formula set ([`cost`]).
 //!
@@ -44,6 +45,7 @@ mod moe;
 mod pkm;
 mod error;
 mod experts;
+pub mod interop;
 mod peer;
 mod product_keys;
 mod query;

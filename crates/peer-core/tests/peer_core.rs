@@ -5,6 +5,7 @@ mod peer_core {
     pub mod batch_norm_eval;
     pub mod config_errors;
     pub mod gradients;
+    pub mod interop;
     pub mod layer_reference;
     pub mod reference;
     pub mod retrieval;

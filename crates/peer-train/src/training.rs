@@ -1,0 +1,438 @@
+//! Training with Burn's `SupervisedTraining` + `Learner`, and evaluation.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::config::Config;
+use burn::data::dataloader::DataLoaderBuilder;
+use burn::data::dataset::transform::{SamplerDataset, SamplerDatasetOptions};
+use burn::module::{Module, ParamGroup};
+use burn::optim::lr_scheduler::LrSchedulerConfig;
+use burn::optim::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
+use burn::optim::lr_scheduler::linear::LinearLrSchedulerConfig;
+use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrSchedulerConfig;
+use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
+use burn::optim::AdamWConfig;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::tensor::Device;
+use burn::train::checkpoint::KeepLastNCheckpoints;
+use burn::train::metric::{LearningRateMetric, LossMetric, PerplexityMetric};
+use burn::train::{Learner, SupervisedTraining};
+use peer_core::{ConfigError, ExpertUsage, PeerConfig, QueryNorm};
+use peer_model::checkpoint::{CheckpointMeta, save_model, write_atomic};
+use peer_model::{FeedForwardConfig, Transformer, TransformerConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::corpus::Corpus;
+use crate::data::{LmBatcher, TokenWindows};
+use crate::error::{TrainError, io};
+use crate::learner::{AtomicFileCheckpointer, LanguageModel, last_complete_checkpoint};
+use crate::metrics::{ExpertUsageMetric, LossGuard, RoutingStatistic, TokensPerSecondMetric};
+use crate::renderer::LineRenderer;
+use crate::tokenizer::TextTokenizer;
+
+/// Everything that defines a training run besides the data.
+#[derive(Config, Debug)]
+pub struct TrainingConfig {
+    /// The model; its `vocab_size` is replaced by the tokenizer's and its `max_seq_len` is the
+    /// training window length.
+    pub model: TransformerConfig,
+    /// Vocabulary of the BPE tokenizer trained on the corpus (ignored with `--tokenizer`).
+    #[config(default = 2048)]
+    pub vocab_size: usize,
+    /// Sequences per batch.
+    #[config(default = 16)]
+    pub batch_size: usize,
+    /// Optimizer steps per epoch; a checkpoint and a validation pass follow every epoch.
+    #[config(default = 120)]
+    pub steps_per_epoch: usize,
+    /// Number of epochs.
+    #[config(default = 10)]
+    pub epochs: usize,
+    /// Peak learning rate of AdamW (after warm-up; cosine decay to 10% of it at the end).
+    #[config(default = 3e-3)]
+    pub learning_rate: f64,
+    /// Peak learning rate of the expert tables (PEER `experts.down/up`, PKM `values`): their
+    /// own AdamW group without weight decay, as PKM and Meta's memory layers do.
+    #[config(default = 3e-3)]
+    pub expert_learning_rate: f64,
+    /// Linear warm-up steps (capped at a fifth of the run, so short runs still decay).
+    #[config(default = 50)]
+    pub warmup_steps: usize,
+    /// AdamW weight decay of every parameter but the expert tables.
+    #[config(default = 0.01)]
+    pub weight_decay: f64,
+    /// Gradient clipping by norm, per parameter tensor (Burn's rule).
+    #[config(default = 1.0)]
+    pub grad_clip_norm: f64,
+    /// Seed of the data sampler and of Burn's parameter initialisation.
+    #[config(default = 42)]
+    pub seed: u64,
+    /// At most this many validation windows are evaluated per epoch (evenly spaced).
+    #[config(default = 64)]
+    pub max_validation_windows: usize,
+    /// Data-loading threads.
+    #[config(default = 1)]
+    pub num_workers: usize,
+}
+
+impl TrainingConfig {
+    /// The main job's default: a 4-block LM (d_model 128, seq_len 128) with PEER in the middle
+    /// block (N = 128² experts, 4 heads × top-8, key_dim 64, BatchNorm queries) and dense GELU
+    /// feed-forwards (hidden 512) elsewhere. Sized to train in about ten minutes on 2 cores.
+    pub fn small_peer() -> Self {
+        let d_model = 128;
+        let peer = PeerConfig::new(d_model, 128 * 128)
+            .with_heads(4)
+            .with_top_k(8)
+            .with_key_dim(64)
+            .with_query_norm(QueryNorm::BatchNorm);
+        let model = TransformerConfig::dense(2048, d_model, 4, 4, 128, 512)
+            .with_middle_block(FeedForwardConfig::Peer(peer));
+        Self::new(model)
+    }
+
+    /// The number of optimizer steps of the whole run.
+    pub fn total_steps(&self) -> usize {
+        self.epochs * self.steps_per_epoch
+    }
+
+    /// Warm-up steps actually used: `warmup_steps`, at most a fifth of the run, at least 1.
+    pub fn effective_warmup(&self) -> usize {
+        self.warmup_steps.min(self.total_steps() / 5).max(1)
+    }
+
+    /// Checks every field, naming the one at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("batch_size", self.batch_size),
+            ("steps_per_epoch", self.steps_per_epoch),
+            ("epochs", self.epochs),
+            ("max_validation_windows", self.max_validation_windows),
+            ("num_workers", self.num_workers),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(field, "must be at least 1, got 0"));
+            }
+        }
+        if self.vocab_size < 260 {
+            return Err(ConfigError::new(
+                "vocab_size",
+                format!("must be at least 260 (256 bytes plus merges), got {}", self.vocab_size),
+            ));
+        }
+        for (field, value) in [
+            ("learning_rate", self.learning_rate),
+            ("expert_learning_rate", self.expert_learning_rate),
+            ("grad_clip_norm", self.grad_clip_norm),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(ConfigError::new(field, format!("must be finite and positive, got {value}")));
+            }
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(ConfigError::new("weight_decay", "must be finite and non-negative"));
+        }
+        self.model.validate().map_err(|e| ConfigError::new("model", format!("`{}` {}", e.field, e.rule)))
+    }
+}
+
+/// Tokenized data of a run.
+pub struct PreparedData {
+    /// Training tokens.
+    pub train: Arc<Vec<u32>>,
+    /// Validation tokens.
+    pub validation: Arc<Vec<u32>>,
+}
+
+impl PreparedData {
+    /// Tokenizes both splits and checks that each holds at least one window.
+    pub fn new(corpus: &Corpus, tokenizer: &TextTokenizer, seq_len: usize) -> Result<Self, TrainError> {
+        let train = tokenizer.encode_documents(&corpus.train)?;
+        let validation = tokenizer.encode_documents(&corpus.validation)?;
+        for (split, tokens) in [("train", &train), ("validation", &validation)] {
+            if tokens.len() <= seq_len {
+                return Err(TrainError::CorpusTooShort { split, tokens: tokens.len(), needed: seq_len + 1 });
+            }
+        }
+        Ok(Self { train: Arc::new(train), validation: Arc::new(validation) })
+    }
+
+    /// Evenly spaced validation windows, at most `max` of them.
+    pub fn validation_windows(&self, seq_len: usize, max: usize) -> TokenWindows {
+        let available = self.validation.len() - seq_len;
+        let stride = (available / max).max(seq_len).max(1);
+        TokenWindows::new(self.validation.clone(), seq_len, stride).expect("checked in new")
+    }
+}
+
+/// What a finished training run reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Where the final model directory was written.
+    pub model_dir: PathBuf,
+    /// Optimizer steps taken in total.
+    pub steps: usize,
+    /// Validation results of the final model.
+    pub evaluation: Evaluation,
+}
+
+/// Options of [`train`] that are not part of the model's recipe.
+pub struct TrainOptions<'a> {
+    /// The recipe.
+    pub config: TrainingConfig,
+    /// The data.
+    pub corpus: &'a Corpus,
+    /// The tokenizer.
+    pub tokenizer: &'a TextTokenizer,
+    /// Where to train: any device; its autodiff version is used.
+    pub device: Device,
+    /// Run directory: `run.json`, `checkpoint/`, metric logs, `model/` at the end.
+    pub artifact_dir: PathBuf,
+    /// Continue from the newest complete checkpoint in `artifact_dir`.
+    pub resume: bool,
+}
+
+/// What `run.json` records so `--resume` continues the same run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunRecord {
+    config: serde_json::Value,
+    tokenizer: peer_model::checkpoint::TokenizerRef,
+}
+
+/// Trains a language model with Burn's learner; see [`TrainOptions`].
+pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
+    let TrainOptions { mut config, corpus, tokenizer, device, artifact_dir, resume } = options;
+    config.model.vocab_size = tokenizer.vocab_size();
+    config.validate().map_err(|source| TrainError::Config { context: "training configuration".into(), source })?;
+    let checkpoint_dir = artifact_dir.join("checkpoint");
+    let run_file = artifact_dir.join("run.json");
+
+    let resume_epoch = if resume {
+        let text = std::fs::read_to_string(&run_file)
+            .map_err(|_| TrainError::NothingToResume(artifact_dir.clone()))?;
+        let record: RunRecord = serde_json::from_str(&text).map_err(|e| TrainError::ConfigFile {
+            path: run_file.clone(),
+            what: "run record",
+            reason: e.to_string(),
+        })?;
+        let meta = CheckpointMeta { tokenizer: Some(record.tokenizer), ..Default::default() };
+        tokenizer.check_matches(&meta, &artifact_dir)?;
+        // The run continues with the recipe it started with.
+        config = serde_json::from_value(record.config).map_err(|e| TrainError::ConfigFile {
+            path: run_file.clone(),
+            what: "training configuration",
+            reason: e.to_string(),
+        })?;
+        Some(last_complete_checkpoint(&checkpoint_dir).ok_or_else(|| TrainError::NothingToResume(artifact_dir.clone()))?)
+    } else {
+        if checkpoint_dir.exists() {
+            std::fs::remove_dir_all(&checkpoint_dir).map_err(io("remove", &checkpoint_dir))?;
+        }
+        std::fs::create_dir_all(&artifact_dir).map_err(io("create", &artifact_dir))?;
+        let record = RunRecord {
+            config: serde_json::to_value(&config).expect("config serialises"),
+            tokenizer: tokenizer.reference(),
+        };
+        write_atomic(&run_file, serde_json::to_string_pretty(&record).expect("serialises").as_bytes())?;
+        None
+    };
+
+    let seq_len = config.model.max_seq_len;
+    let data = PreparedData::new(corpus, tokenizer, seq_len)?;
+    let train_windows = TokenWindows::new(data.train.clone(), seq_len, seq_len).expect("checked");
+    let train_set = SamplerDataset::new(
+        train_windows,
+        SamplerDatasetOptions::from(config.steps_per_epoch * config.batch_size).with_seed(config.seed),
+    );
+    let valid_set = data.validation_windows(seq_len, config.max_validation_windows);
+    let loader_train = DataLoaderBuilder::new(LmBatcher)
+        .batch_size(config.batch_size)
+        .num_workers(config.num_workers)
+        .build(train_set);
+    let loader_valid = DataLoaderBuilder::new(LmBatcher)
+        .batch_size(config.batch_size)
+        .num_workers(config.num_workers)
+        .build(valid_set);
+
+    let train_device = device.clone().autodiff();
+    train_device.seed(config.seed);
+    let model = LanguageModel { transformer: config.model.init(&train_device) };
+    let has_experts = !model_routings_empty(&config.model);
+
+    // Expert tables: their own AdamW (no weight decay) and their own learning rate.
+    let experts = ParamGroup::from_regex(r"(experts\.(down|up)|\.values)$").expect("valid regex");
+    let clip = Some(GradientClippingConfig::Norm(config.grad_clip_norm as f32));
+    let optim = AdamWConfig::new()
+        .with_weight_decay(config.weight_decay as f32)
+        .with_grad_clipping(clip.clone())
+        .init()
+        .with_group(
+            experts.clone(),
+            AdamWConfig::new().with_weight_decay(0.0).build(),
+            clip.map(|c| c.init()),
+        );
+    let warmup = config.effective_warmup();
+    let schedule = |peak: f64| {
+        LrSchedulerConfig::Sequential(SequentialLrSchedulerConfig::new(
+            vec![
+                LrSchedulerConfig::Linear(LinearLrSchedulerConfig::new(peak * 0.01, peak, warmup)),
+                LrSchedulerConfig::Cosine(
+                    CosineAnnealingLrSchedulerConfig::new(peak, (config.total_steps() - warmup).max(1))
+                        .with_min_lr(peak * 0.1),
+                ),
+            ],
+            vec![warmup],
+        ))
+    };
+    let lr_scheduler = ModuleLrSchedulerConfig::new(schedule(config.learning_rate))
+        .with_group(experts, schedule(config.expert_learning_rate))
+        .init()
+        .map_err(|e| TrainError::Training(format!("learning-rate schedule: {e}")))?;
+
+    let mut training = SupervisedTraining::new(&artifact_dir, loader_train, loader_valid)
+        .metric_train_numeric(LossMetric::new())
+        .metric_valid_numeric(LossMetric::new())
+        .metric_train_numeric(PerplexityMetric::new())
+        .metric_valid_numeric(PerplexityMetric::new())
+        .metric_train_numeric(LearningRateMetric::new())
+        .metric_train_numeric(TokensPerSecondMetric::default())
+        .with_custom_checkpointers(
+            AtomicFileCheckpointer::new(&checkpoint_dir, "model"),
+            AtomicFileCheckpointer::new(&checkpoint_dir, "optim"),
+            AtomicFileCheckpointer::new(&checkpoint_dir, "scheduler"),
+        )
+        .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
+        .num_epochs(config.epochs)
+        .summary();
+    if has_experts {
+        training = training
+            .metric_valid_numeric(ExpertUsageMetric::new(RoutingStatistic::Usage))
+            .metric_valid_numeric(ExpertUsageMetric::new(RoutingStatistic::Unevenness));
+    }
+    if !std::io::stdout().is_terminal() {
+        training = training.renderer(Box::new(LineRenderer::default()));
+    }
+    let guard = LossGuard::new(training.interrupter());
+    training = training.metric_train(guard.clone());
+    if let Some(epoch) = resume_epoch {
+        training = training.checkpoint(epoch);
+    }
+
+    let result = training.launch(Learner::new(model, optim, lr_scheduler));
+    if let Some(reason) = guard.tripped() {
+        return Err(TrainError::NonFiniteLoss {
+            reason,
+            last_good_epoch: last_complete_checkpoint(&checkpoint_dir),
+            dir: checkpoint_dir,
+        });
+    }
+    if let Some(error) = result.error {
+        return Err(TrainError::Training(error.to_string()));
+    }
+    let completed = last_complete_checkpoint(&checkpoint_dir).unwrap_or(config.epochs);
+    let transformer = result.model.transformer.valid();
+
+    let model_dir = artifact_dir.join("model");
+    let meta = CheckpointMeta {
+        tokenizer: Some(tokenizer.reference()),
+        step: completed * config.steps_per_epoch,
+        notes: format!("trained on {}", corpus.path.display()),
+    };
+    save_model(&model_dir, &config.model, &transformer, &meta)?;
+    let evaluation = evaluate(&transformer, &data, seq_len, config.batch_size, config.max_validation_windows, &device)?;
+    write_atomic(
+        &artifact_dir.join("evaluation.json"),
+        serde_json::to_string_pretty(&evaluation).expect("serialises").as_bytes(),
+    )?;
+    Ok(TrainSummary { model_dir, steps: meta.step, evaluation })
+}
+
+fn model_routings_empty(config: &TransformerConfig) -> bool {
+    (0..config.num_layers).all(|b| !matches!(config.feed_forward_of(b), FeedForwardConfig::Peer(_) | FeedForwardConfig::Pkm(_)))
+}
+
+/// Validation results.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Perplexity of the model on the validation windows.
+    pub perplexity: f64,
+    /// Perplexity of a unigram model of the same tokenizer (add-one smoothed training counts)
+    /// on the same tokens: the baseline the model must beat.
+    pub unigram_perplexity: f64,
+    /// Tokens evaluated.
+    pub tokens: usize,
+    /// Expert usage (fraction) and unevenness of each PEER/PKM block: `(block, usage, unevenness)`.
+    pub expert_usage: Vec<(usize, f64, f64)>,
+}
+
+/// Perplexity, unigram baseline and expert usage of `model` on the validation split, on a
+/// plain (non-autodiff) device in evaluation mode, so BatchNorm uses its running statistics.
+pub fn evaluate(
+    model: &Transformer,
+    data: &PreparedData,
+    seq_len: usize,
+    batch_size: usize,
+    max_windows: usize,
+    device: &Device,
+) -> Result<Evaluation, TrainError> {
+    let model = model.valid().fork(&device.clone().without_autodiff());
+    let windows = data.validation_windows(seq_len, max_windows);
+    let loader = DataLoaderBuilder::new(LmBatcher).batch_size(batch_size).build(windows);
+    let loader = loader.to_device(&device.clone().without_autodiff());
+    let mut nll = 0.0;
+    let mut tokens = 0usize;
+    let mut usage: Vec<(usize, ExpertUsage)> = Vec::new();
+    let mut target_ids: Vec<u32> = Vec::new();
+    for batch in loader.iter() {
+        let batch = batch.map_err(|e| TrainError::Training(format!("validation data: {e}")))?;
+        let [b, s] = batch.targets.dims();
+        let (_, cross_entropy, output) = model.loss(batch.inputs, batch.targets.clone());
+        nll += cross_entropy.into_scalar::<f64>() * (b * s) as f64;
+        tokens += b * s;
+        target_ids.extend(batch.targets.to_data().iter::<i64>().map(|t| t as u32));
+        for routing in output.routings {
+            let slot = match usage.iter().position(|(block, _)| *block == routing.block) {
+                Some(i) => i,
+                None => {
+                    usage.push((routing.block, ExpertUsage::new(routing.num_experts)));
+                    usage.len() - 1
+                }
+            };
+            usage[slot].1.add_routing(&routing.routing);
+        }
+    }
+    Ok(Evaluation {
+        perplexity: (nll / tokens.max(1) as f64).exp(),
+        unigram_perplexity: unigram_perplexity(&data.train, &target_ids, model.vocab_size()),
+        tokens,
+        expert_usage: usage.iter().map(|(b, u)| (*b, u.usage(), u.unevenness())).collect(),
+    })
+}
+
+/// Perplexity on `evaluated` of the add-one smoothed unigram distribution of `train`.
+pub fn unigram_perplexity(train: &[u32], evaluated: &[u32], vocab_size: usize) -> f64 {
+    let mut counts = vec![1.0f64; vocab_size];
+    for &t in train {
+        counts[t as usize] += 1.0;
+    }
+    let total: f64 = counts.iter().sum();
+    let nll: f64 = evaluated.iter().map(|&t| -(counts[t as usize] / total).ln()).sum();
+    (nll / evaluated.len().max(1) as f64).exp()
+}
+
+/// Reads a [`TrainingConfig`] from a JSON file, naming the file and the problem.
+pub fn load_training_config(path: &Path) -> Result<TrainingConfig, TrainError> {
+    if !path.exists() {
+        return Err(TrainError::ConfigFile { path: path.to_path_buf(), what: "training configuration", reason: "file does not exist".into() });
+    }
+    let text = std::fs::read_to_string(path).map_err(io("read", path))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::ConfigFile {
+        path: path.to_path_buf(),
+        what: "training configuration",
+        reason: e.to_string(),
+    })
+}
+
