@@ -87,9 +87,8 @@ impl TrainingProgressLogger for LineRenderer {
         println!("{}", self.line("done"));
     }
     fn end(&mut self) {}
-    fn log_event_training(&mut self, event: String) {
-        println!("{event}");
-    }
+    // Burn reports every iteration as an event; the progress lines already cover them.
+    fn log_event_training(&mut self, _event: String) {}
 }
 
 impl EvaluationProgressLogger for LineRenderer {
@@ -104,9 +103,7 @@ impl EvaluationProgressLogger for LineRenderer {
         self.end_split();
     }
     fn end_global_progress(&mut self) {}
-    fn log_event_evaluation(&mut self, event: String) {
-        println!("{event}");
-    }
+    fn log_event_evaluation(&mut self, _event: String) {}
 }
 
 impl MetricsRenderer for LineRenderer {
