@@ -162,9 +162,17 @@ pub fn backends(args: &LayerArgs) {
                 if layer.starts_with("dense") && root != args.roots[0] {
                     continue; // the dense reference does not depend on N
                 }
+                let mut failed = false;
                 for (pass, backward) in [("forward", false), ("forward+backward", true)] {
                     let (dev, forward) = if backward { (&train_device, train_forward) } else { (device, eval_forward) };
-                    let result = measure(forward, dev, args.tokens, args.d_model, repeats, backward);
+                    // After a failure the device's state is unreliable (wgpu keeps going with
+                    // errors queued): do not report figures measured on it.
+                    let result = if failed {
+                        Err("skipped: the forward pass failed on this device".to_string())
+                    } else {
+                        measure(forward, dev, args.tokens, args.d_model, repeats, backward)
+                    };
+                    failed |= result.is_err();
                     let (timing, peak, error) = match result {
                         Ok((t, p)) => (Some(t), p, None),
                         Err(e) => (None, None, Some(e)),
@@ -219,7 +227,7 @@ pub fn pytorch(args: &LayerArgs, python: &str) {
     }
     let repeats = Repeats { warmup: 1, timed: args.repeats };
     let device = Device::flex().autodiff();
-    let mut report = Report::new("pytorch", &["N", "implementation", "forward+backward", "spread", "ratio"]);
+    let mut report = Report::new("pytorch", &["N", "implementation", "forward+backward", "spread", "PyTorch time / ours"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peer_pytorch_bench.py");
     for &root in &args.roots {
         let config = args.peer(root);
@@ -262,7 +270,7 @@ pub fn pytorch(args: &LayerArgs, python: &str) {
                     name.into(),
                     timing.as_ref().map_or("failed".into(), |t| t.median()),
                     timing.as_ref().map_or("-".into(), |t| format!("{:.0}%", 100.0 * t.spread())),
-                    if name.starts_with("PEER") { ratio.map_or("-".into(), |r| format!("{r:.2}× ours")) } else { "1".into() },
+                    if name.starts_with("PEER") { ratio.map_or("-".into(), |r| format!("{r:.2}")) } else { "-".into() },
                 ],
                 serde_json::json!({
                     "num_experts": root * root, "implementation": name, "timing": timing,

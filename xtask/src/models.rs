@@ -43,7 +43,7 @@ impl ModelsArgs {
         if self.toy {
             Size { d_model: 32, layers: 2, seq_len: 32, batch: 4, epochs: 1, steps: 3, vocab: 300, peer_roots: vec![8, 16], peer_heads: 2, peer_top_k: 4 }
         } else if self.quick {
-            Size { d_model: 64, layers: 4, seq_len: 64, batch: 8, epochs: 2, steps: 30, vocab: 1024, peer_roots: vec![64, 128, 256], peer_heads: 4, peer_top_k: 8 }
+            Size { d_model: 64, layers: 4, seq_len: 64, batch: 16, epochs: 4, steps: 60, vocab: 1024, peer_roots: vec![64, 128, 256], peer_heads: 4, peer_top_k: 8 }
         } else {
             Size { d_model: 128, layers: 4, seq_len: 128, batch: 16, epochs: 6, steps: 100, vocab: 2048, peer_roots: vec![128, 256, 512, 1024], peer_heads: 4, peer_top_k: 8 }
         }
