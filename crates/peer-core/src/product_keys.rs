@@ -2,11 +2,11 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 use crate::config::{exact_sqrt, positive, validate_product_keys};
 use crate::error::ConfigError;
-use crate::topk::top_k_indices;
+use crate::topk::{returns_sorted, top_k_indices};
 
 /// Configuration of [`ProductKeys`].
 #[derive(Config, Debug, PartialEq)]
@@ -102,7 +102,8 @@ impl ProductKeys {
     /// The exact top-k keys of every query and their scores `q·k`.
     ///
     /// For each head: score both query halves against their √N sub-keys, keep the top-k of each
-    /// half, form the k² candidate sums `q₁·c_i + q₂·c'_j`, and keep their top-k. Because each
+    /// half, form the candidate sums `q₁·c_i + q₂·c'_j` (all k², or the ≈ k·ln k pairs that can
+    /// still win when both halves come back sorted), and keep their top-k. Because each
     /// half keeps as many as the final k, the result equals the top-k of `q·K` over all N keys.
     /// Indices are chosen on detached scores and the scores are gathered, so sub-keys and
     /// queries receive gradients through the selected scores only.
@@ -132,14 +133,23 @@ impl ProductKeys {
         let best_1 = scores_1.gather(2, index_1.clone());
         let best_2 = scores_2.gather(2, index_2.clone());
 
-        // k² candidates: score s₁[i] + s₂[j], expert id i·√N + j.
-        let grid = [tokens, heads, k, k];
-        let candidate_scores = (best_1.reshape([tokens, heads, k, 1]).expand(grid)
-            + best_2.reshape([tokens, heads, 1, k]).expand(grid))
-        .reshape([tokens, heads, k * k]);
-        let candidate_ids = (index_1.reshape([tokens, heads, k, 1]).expand(grid) * root as i64
-            + index_2.reshape([tokens, heads, 1, k]).expand(grid))
-        .reshape([tokens, heads, k * k]);
+        // Candidates: score s₁[i] + s₂[j], expert id i·√N + j. When both halves come sorted
+        // (best first), pair (i, j) is beaten by every (i', j') with i' ≤ i, j' ≤ j, so only
+        // pairs with (i + 1)(j + 1) ≤ k can make the top-k: about k·ln k instead of k².
+        let device = best_1.device();
+        let (left, right): (Vec<i64>, Vec<i64>) = if returns_sorted(&device, k, root) {
+            (0..k as i64)
+                .flat_map(|i| (0..k as i64).filter(move |j| (i + 1) * (j + 1) <= k as i64).map(move |j| (i, j)))
+                .unzip()
+        } else {
+            (0..k as i64).flat_map(|i| (0..k as i64).map(move |j| (i, j))).unzip()
+        };
+        let pairs = left.len();
+        let left = Tensor::<1, Int>::from_data(TensorData::new(left, [pairs]), &device);
+        let right = Tensor::<1, Int>::from_data(TensorData::new(right, [pairs]), &device);
+        let candidate_scores = best_1.select(2, left.clone()) + best_2.select(2, right.clone());
+        let candidate_ids = index_1.select(2, left) * root as i64 + index_2.select(2, right);
+        debug_assert_eq!(candidate_scores.dims(), [tokens, heads, pairs]);
 
         let best = top_k_indices(candidate_scores.clone(), k);
         (

@@ -7,7 +7,14 @@ use burn::tensor::{Device, Int, Tensor};
 /// On CubeCL backends the built-in top-k kernel wins.
 const MAX_ROUNDS_FOR_ARGMAX_TOP_K: usize = 32;
 
-/// Indices of the `k` largest entries of `scores` along its last axis, in no particular order.
+/// Whether [`top_k_indices`] returns the indices of `k` of `n` in descending order of score
+/// (the rounds-of-max strategy does; Burn's `argtopk` makes no such promise).
+pub(crate) fn returns_sorted(device: &Device, k: usize, n: usize) -> bool {
+    k < n && is_cpu_backend(device) && k <= MAX_ROUNDS_FOR_ARGMAX_TOP_K
+}
+
+/// Indices of the `k` largest entries of `scores` along its last axis, in no particular order
+/// (descending when [`returns_sorted`] says so).
 ///
 /// The indices are taken on a detached copy: callers `gather` the scores they need so the
 /// gradient flows through the gather, never through a sort (on an autodiff device Burn's
@@ -25,7 +32,7 @@ pub(crate) fn top_k_indices(scores: Tensor<3>, k: usize) -> Tensor<3, Int> {
             .expand([a, b, n]);
     }
     let scores = scores.detach();
-    if is_cpu_backend(&device) && k <= MAX_ROUNDS_FOR_ARGMAX_TOP_K {
+    if returns_sorted(&device, k, n) {
         top_k_by_rounds_of_max(scores, k)
     } else {
         scores.argtopk(k, 2)
