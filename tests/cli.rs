@@ -182,6 +182,20 @@ fn a_killed_run_resumes_where_it_stopped() {
         start_of_resume < start_of_run - 0.5 * (start_of_run - end_of_first),
         "resumed at loss {start_of_resume}, run started at {start_of_run}, epoch 1 ended at {end_of_first}"
     );
+    // The trained model evaluates and generates.
+    let model = out.join("model");
+    let o = run(peer().args(["eval", "--corpus", corpus.to_str().unwrap(), "--checkpoint"]).arg(&model));
+    assert!(o.status.success(), "eval failed: {}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("validation perplexity"));
+    let generate = |seed: &str| {
+        let o = run(peer().args(["generate", "--prompt", "And God", "--max-tokens", "8", "--seed", seed, "--checkpoint"]).arg(&model));
+        assert!(o.status.success(), "generate failed: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let text = generate("3");
+    assert!(text.starts_with("sample: And God"), "{text}");
+    assert_eq!(text, generate("3"), "same seed, same text");
+
     // A tokenizer other than the run's is refused on resume.
     let other = dir.join("other-tokenizer.json");
     let run_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();

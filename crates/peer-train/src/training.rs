@@ -260,7 +260,7 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
     let train_device = device.clone().autodiff();
     train_device.seed(config.seed);
     let model = LanguageModel { transformer: config.model.init(&train_device) };
-    let has_experts = !model_routings_empty(&config.model);
+    let has_experts = has_routed_blocks(&config.model);
 
     // Expert tables: their own AdamW (no weight decay) and their own learning rate.
     let experts = ParamGroup::from_regex(r"(experts\.(down|up)|\.values)$").expect("valid regex");
@@ -350,8 +350,9 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
     Ok(TrainSummary { model_dir, steps: meta.step, evaluation })
 }
 
-fn model_routings_empty(config: &TransformerConfig) -> bool {
-    (0..config.num_layers).all(|b| !matches!(config.feed_forward_of(b), FeedForwardConfig::Peer(_) | FeedForwardConfig::Pkm(_)))
+/// Whether any block retrieves experts (PEER or PKM), i.e. has routing statistics to report.
+fn has_routed_blocks(config: &TransformerConfig) -> bool {
+    (0..config.num_layers).any(|b| matches!(config.feed_forward_of(b), FeedForwardConfig::Peer(_) | FeedForwardConfig::Pkm(_)))
 }
 
 /// Validation results.
