@@ -236,16 +236,7 @@ impl Metric for ExpertUsageMetric {
     }
 
     fn update(&mut self, input: &RoutingInput, _: &MetricMetadata) -> Result<SerializedEntry, TensorReadError> {
-        for routing in &input.0 {
-            let index = match self.blocks.iter().position(|(b, _)| *b == routing.block) {
-                Some(i) => i,
-                None => {
-                    self.blocks.push((routing.block, ExpertUsage::new(routing.num_experts)));
-                    self.blocks.len() - 1
-                }
-            };
-            self.blocks[index].1.add_routing(&routing.routing);
-        }
+        accumulate_usage(&mut self.blocks, &input.0);
         let value = self.value();
         Ok(entry(value, value, self.unit(), 1, false))
     }
@@ -269,6 +260,21 @@ impl Numeric for ExpertUsageMetric {
     }
     fn final_value(&self) -> NumericEntry {
         NumericEntry::Final(ExpertUsageMetric::value(self))
+    }
+}
+
+/// Adds each block's routing to that block's [`ExpertUsage`] in `blocks` (created on first
+/// sight), keyed by block index.
+pub fn accumulate_usage(blocks: &mut Vec<(usize, ExpertUsage)>, routings: &[BlockRouting]) {
+    for routing in routings {
+        let index = match blocks.iter().position(|(b, _)| *b == routing.block) {
+            Some(i) => i,
+            None => {
+                blocks.push((routing.block, ExpertUsage::new(routing.num_experts)));
+                blocks.len() - 1
+            }
+        };
+        blocks[index].1.add_routing(&routing.routing);
     }
 }
 

@@ -28,7 +28,7 @@ use crate::corpus::Corpus;
 use crate::data::{LmBatcher, TokenWindows};
 use crate::error::{TrainError, io};
 use crate::learner::{AtomicFileCheckpointer, LanguageModel, last_complete_checkpoint};
-use crate::metrics::{ExpertUsageMetric, LossGuard, RoutingStatistic, TokensPerSecondMetric};
+use crate::metrics::{ExpertUsageMetric, LossGuard, RoutingStatistic, TokensPerSecondMetric, accumulate_usage};
 use crate::renderer::LineRenderer;
 use crate::tokenizer::TextTokenizer;
 
@@ -394,16 +394,7 @@ pub fn evaluate(
         nll += cross_entropy.into_scalar::<f64>() * (b * s) as f64;
         tokens += b * s;
         target_ids.extend(batch.targets.to_data().iter::<i64>().map(|t| t as u32));
-        for routing in output.routings {
-            let slot = match usage.iter().position(|(block, _)| *block == routing.block) {
-                Some(i) => i,
-                None => {
-                    usage.push((routing.block, ExpertUsage::new(routing.num_experts)));
-                    usage.len() - 1
-                }
-            };
-            usage[slot].1.add_routing(&routing.routing);
-        }
+        accumulate_usage(&mut usage, &output.routings);
     }
     Ok(Evaluation {
         perplexity: (nll / tokens.max(1) as f64).exp(),
