@@ -124,9 +124,7 @@ pub fn save_model(
         .clone()
         .save_file(&tmp)
         .map_err(|e| CheckpointError::Weights { path: tmp.clone(), reason: e.to_string() })?;
-    // burnpack may add its extension; accept either name.
-    let written = if tmp.exists() { tmp.clone() } else { tmp.with_extension("bpk") };
-    fs::rename(&written, &weights).map_err(io("rename", &weights))?;
+    fs::rename(&tmp, &weights).map_err(io("rename", &weights))?;
     let config_json = serde_json::to_string_pretty(config).expect("config serialises");
     write_atomic(&dir.join(CONFIG_FILE), config_json.as_bytes())?;
     let meta_json = serde_json::to_string_pretty(meta).expect("metadata serialises");
