@@ -156,7 +156,15 @@ fn a_killed_run_resumes_where_it_stopped() {
     assert!(!out.join("model").exists());
 
     let o = run(peer()
-        .args(["train", "--resume", "--corpus", corpus.to_str().unwrap(), "--config", config.to_str().unwrap(), "--out"])
+        .args([
+            "train",
+            "--resume",
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+        ])
         .arg(&out));
     assert!(o.status.success(), "resume failed: {}", stderr(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
@@ -188,7 +196,9 @@ fn a_killed_run_resumes_where_it_stopped() {
     assert!(o.status.success(), "eval failed: {}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("validation perplexity"));
     let generate = |seed: &str| {
-        let o = run(peer().args(["generate", "--prompt", "And God", "--max-tokens", "8", "--seed", seed, "--checkpoint"]).arg(&model));
+        let o = run(peer()
+            .args(["generate", "--prompt", "And God", "--max-tokens", "8", "--seed", seed, "--checkpoint"])
+            .arg(&model));
         assert!(o.status.success(), "generate failed: {}", stderr(&o));
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
@@ -198,13 +208,22 @@ fn a_killed_run_resumes_where_it_stopped() {
 
     // A tokenizer other than the run's is refused on resume.
     let other = dir.join("other-tokenizer.json");
-    let run_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
     let original = PathBuf::from(run_json["tokenizer"]["path"].as_str().unwrap());
     let mut tokenizer: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&original).unwrap()).unwrap();
     tokenizer["added_tokens"][0]["content"] = serde_json::json!("<|other|>");
     std::fs::write(&other, tokenizer.to_string()).unwrap();
     let o = run(peer()
-        .args(["train", "--resume", "--corpus", corpus.to_str().unwrap(), "--tokenizer", other.to_str().unwrap(), "--out"])
+        .args([
+            "train",
+            "--resume",
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--tokenizer",
+            other.to_str().unwrap(),
+            "--out",
+        ])
         .arg(&out));
     assert_clean_error(&o, &["tokenizer mismatch"]);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -242,7 +261,16 @@ fn trains_a_few_steps_on_wgpu() {
     let config = tiny_config(&dir, 1, 3, 3e-3);
     let out = dir.join("run");
     let o = run(peer()
-        .args(["train", "--device", "wgpu", "--corpus", corpus.to_str().unwrap(), "--config", config.to_str().unwrap(), "--out"])
+        .args([
+            "train",
+            "--device",
+            "wgpu",
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+        ])
         .arg(&out));
     assert!(o.status.success(), "wgpu training failed: {}", stderr(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);

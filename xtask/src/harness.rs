@@ -35,7 +35,6 @@ impl Timing {
         if self.median_s >= 1.0 { format!("{:.2} s", self.median_s) } else { format!("{:.1} ms", 1e3 * self.median_s) }
     }
 
-
     /// Spread as `(max − min) / median`.
     pub fn spread(&self) -> f64 {
         (self.max_s - self.min_s) / self.median_s
@@ -153,16 +152,20 @@ impl Report {
 
 /// `target/bench/` of the workspace (or `$PEER_BENCH_DIR`).
 pub fn bench_dir() -> PathBuf {
-    std::env::var_os("PEER_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench"))
-    })
+    std::env::var_os("PEER_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench")))
 }
 
 /// CPU model and core count, for the record.
 pub fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into());
     serde_json::json!({
         "cpu": cpu,
@@ -190,5 +193,68 @@ pub fn bytes(value: Option<u64>) -> String {
         Some(b) if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
         Some(b) => format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64),
         None => "n/a".into(),
+    }
+}
+
+/// A PNG chart, drawn by `tools/plot` (its own cargo workspace: plotters would otherwise
+/// change features shared with Burn and force a second Burn build).
+#[derive(Debug, Clone, Serialize)]
+pub struct Chart {
+    /// PNG file name, written beside the JSON.
+    pub file: String,
+    /// Title.
+    pub title: String,
+    /// X axis.
+    pub x_label: String,
+    /// Y axis.
+    pub y_label: String,
+    /// Lines: `(label, points)`.
+    pub series: Vec<ChartSeries>,
+    /// Horizontal bars `(label, value)`, when there are no lines.
+    pub bars: Vec<(String, f64)>,
+    /// Log₂ x axis.
+    pub log_x: bool,
+}
+
+/// One line of a [`Chart`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ChartSeries {
+    /// Legend.
+    pub label: String,
+    /// `(x, y)`.
+    pub points: Vec<(f64, f64)>,
+}
+
+impl Chart {
+    /// A line chart.
+    pub fn lines(file: &str, title: &str, x_label: &str, y_label: &str, log_x: bool, series: Vec<ChartSeries>) -> Self {
+        Self { file: file.into(), title: title.into(), x_label: x_label.into(), y_label: y_label.into(), series, bars: Vec::new(), log_x }
+    }
+
+    /// A horizontal bar chart.
+    pub fn bars(file: &str, title: &str, x_label: &str, bars: Vec<(String, f64)>) -> Self {
+        Self { file: file.into(), title: title.into(), x_label: x_label.into(), y_label: String::new(), series: Vec::new(), bars, log_x: false }
+    }
+}
+
+/// Writes `<bench dir>/<name>.charts.json` and draws its PNGs with `tools/plot`. A chart that
+/// cannot be drawn (no font, no network for the first build of the tool) is reported, not
+/// fatal: the table and the JSON are the results.
+pub fn draw_charts(name: &str, charts: &[Chart]) {
+    let spec = bench_dir().join(format!("{name}.charts.json"));
+    if let Err(e) = std::fs::write(&spec, serde_json::to_string_pretty(charts).expect("charts serialise")) {
+        eprintln!("charts not drawn: {}: {e}", spec.display());
+        return;
+    }
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/plot/Cargo.toml");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["run", "--quiet", "--release", "--manifest-path", manifest, "--"])
+        .arg(&spec)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => eprintln!("charts not drawn ({s}); the table and the JSON are complete"),
+        Err(e) => eprintln!("charts not drawn: cannot run cargo: {e}"),
     }
 }

@@ -6,10 +6,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use burn::module::Module;
 use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
 use clap::Args;
-use peer::core::{DenseFfwConfig, PeerConfig, QueryNorm};
+use peer::core::{DenseFfwConfig, ExpertTape, Peer, PeerConfig, QueryNorm};
 use serde::Serialize;
 
-use crate::harness::{PeakMemory, Repeats, Report, Timing, bytes, si, time};
+use crate::harness::{Chart, PeakMemory, Repeats, Report, Timing, bytes, draw_charts, si, time};
 
 /// Sizes of the layer benchmarks (defaults: the paper's setting with PEER-pytorch's key size).
 #[derive(Args, Debug, Clone)]
@@ -68,8 +68,9 @@ pub fn available_devices(names: &[String]) -> Vec<(String, Device)> {
         .filter(|(name, _)| names.is_empty() || names.contains(name))
         .filter(|(name, device)| {
             let probe = device.clone();
-            let ok = catch_unwind(AssertUnwindSafe(|| Tensor::<1>::ones([2], &probe).sum().into_scalar::<f32>() == 2.0))
-                .unwrap_or(false);
+            let ok =
+                catch_unwind(AssertUnwindSafe(|| Tensor::<1>::ones([2], &probe).sum().into_scalar::<f32>() == 2.0))
+                    .unwrap_or(false);
             if !ok {
                 eprintln!("skipping {name}: no working device");
             }
@@ -96,24 +97,38 @@ struct LayerRecord {
     error: Option<String>,
 }
 
-/// Forward and forward+backward of one layer on one device.
+/// What one timed run of a layer does.
+enum Pass<'a> {
+    /// Forward only; the output is read back.
+    Forward(&'a dyn Fn(Tensor<3>) -> Tensor<3>),
+    /// Forward, then backward of the output's sum (autodiff; dense expert-table gradients).
+    Backward(&'a dyn Fn(Tensor<3>) -> Tensor<3>),
+    /// Forward through an `ExpertTape`, then its backward (row-sparse table gradients).
+    Taped(&'a Peer),
+}
+
+/// One pass of one layer on one device.
 fn measure(
-    forward: &dyn Fn(Tensor<3>) -> Tensor<3>,
+    pass: Pass,
     device: &Device,
     tokens: usize,
     d_model: usize,
     repeats: Repeats,
-    backward: bool,
 ) -> Result<(Timing, Option<u64>), String> {
     let run = || {
         let x = Tensor::<3>::random([1, tokens, d_model], Distribution::Normal(0.0, 1.0), device);
         let memory = PeakMemory::start();
-        let timing = time(device, repeats, || {
-            let y = forward(x.clone());
-            if backward {
-                let _grads = y.sum().backward();
-            } else {
-                let _ = y.into_data();
+        let timing = time(device, repeats, || match &pass {
+            Pass::Forward(forward) => {
+                let _ = forward(x.clone()).into_data();
+            }
+            Pass::Backward(forward) => {
+                let _grads = forward(x.clone()).sum().backward();
+            }
+            Pass::Taped(peer) => {
+                let mut tape = ExpertTape::new();
+                let (y, _) = peer.forward_taped(x.clone(), &mut tape);
+                let _grads = tape.backward(y.sum());
             }
         });
         (timing, memory.stop())
@@ -136,55 +151,82 @@ fn measure(
 pub fn backends(args: &LayerArgs) {
     let repeats = Repeats { warmup: 1, timed: args.repeats };
     let devices = available_devices(&args.devices);
-    let mut report = Report::new(
-        "backends",
-        &["layer", "N", "device", "pass", "median", "spread", "tokens/s", "peak RSS"],
-    );
+    let mut report =
+        Report::new("backends", &["layer", "N", "device", "pass", "median", "spread", "tokens/s", "peak RSS"]);
+    let mut bars = Vec::new();
     for &root in &args.roots {
         let peer_config = args.peer(root);
         let dense_config = args.matched_dense(&peer_config);
         for (name, device) in &devices {
             let train_device = device.clone().autodiff();
-            let built = catch_unwind(AssertUnwindSafe(|| {
-                (peer_config.init(&train_device), dense_config.init(&train_device))
-            }));
+            let built =
+                catch_unwind(AssertUnwindSafe(|| (peer_config.init(&train_device), dense_config.init(&train_device))));
             let Ok((peer_layer, dense)) = built else {
                 eprintln!("{name}: cannot build N = {root}²");
                 continue;
             };
             let peer_eval = peer_layer.valid();
             let dense_eval = dense.valid();
-            let layers: [(&str, usize, f64, &dyn Fn(Tensor<3>) -> Tensor<3>, &dyn Fn(Tensor<3>) -> Tensor<3>); 2] = [
-                ("dense (FLOP-matched)", 0, dense_config.cost().flops_per_token, &|x| dense_eval.forward(x), &|x| dense.forward(x)),
-                ("peer", root * root, peer_config.cost().flops_per_token, &|x| peer_eval.forward(x), &|x| peer_layer.forward(x)),
+            let dense_forward = |x| dense_eval.forward(x);
+            let dense_train = |x| dense.forward(x);
+            let peer_forward = |x| peer_eval.forward(x);
+            let peer_train = |x| peer_layer.forward(x);
+            // (layer, N, FLOPs per token, passes on the plain and the autodiff device)
+            let rows: [(&str, usize, f64, Vec<(&str, Pass, &Device)>); 2] = [
+                (
+                    "dense (FLOP-matched)",
+                    0,
+                    dense_config.cost().flops_per_token,
+                    vec![
+                        ("forward", Pass::Forward(&dense_forward), device),
+                        ("forward+backward", Pass::Backward(&dense_train), &train_device),
+                    ],
+                ),
+                (
+                    "peer",
+                    root * root,
+                    peer_config.cost().flops_per_token,
+                    vec![
+                        ("forward", Pass::Forward(&peer_forward), device),
+                        ("forward+backward (sparse rows)", Pass::Taped(&peer_layer), &train_device),
+                        ("forward+backward (dense tables)", Pass::Backward(&peer_train), &train_device),
+                    ],
+                ),
             ];
-            for (layer, n, flops, eval_forward, train_forward) in layers {
+            for (layer, n, flops, passes) in rows {
                 if layer.starts_with("dense") && root != args.roots[0] {
                     continue; // the dense reference does not depend on N
                 }
                 let mut failed = false;
-                for (pass, backward) in [("forward", false), ("forward+backward", true)] {
-                    let (dev, forward) = if backward { (&train_device, train_forward) } else { (device, eval_forward) };
+                for (pass_name, pass, dev) in passes {
                     // After a failure the device's state is unreliable (wgpu keeps going with
                     // errors queued): do not report figures measured on it.
                     let result = if failed {
-                        Err("skipped: the forward pass failed on this device".to_string())
+                        Err("skipped: an earlier pass failed on this device".to_string())
                     } else {
-                        measure(forward, dev, args.tokens, args.d_model, repeats, backward)
+                        measure(pass, dev, args.tokens, args.d_model, repeats)
                     };
+                    let pass = pass_name;
                     failed |= result.is_err();
                     let (timing, peak, error) = match result {
                         Ok((t, p)) => (Some(t), p, None),
                         Err(e) => (None, None, Some(e)),
                     };
                     let tokens_per_s = timing.as_ref().map(|t| args.tokens as f64 / t.median_s);
+                    if let Some(t) = &timing {
+                        let size = if n == 0 { String::new() } else { format!(" {root}²") };
+                        bars.push((format!("{layer}{size}, {name}, {pass}"), 1e3 * t.median_s));
+                    }
                     report.row(
                         vec![
                             layer.into(),
                             if n == 0 { "-".into() } else { format!("{root}²") },
                             name.clone(),
                             pass.into(),
-                            timing.as_ref().map_or_else(|| format!("failed: {}", error.clone().unwrap_or_default()), |t| t.median()),
+                            timing.as_ref().map_or_else(
+                                || format!("failed: {}", error.clone().unwrap_or_default()),
+                                |t| t.median(),
+                            ),
                             timing.as_ref().map_or("-".into(), |t| format!("{:.0}%", 100.0 * t.spread())),
                             tokens_per_s.map_or("-".into(), si),
                             bytes(peak),
@@ -214,6 +256,8 @@ pub fn backends(args: &LayerArgs) {
         "peak_rss": "peak resident memory of the whole benchmark process while the measurement ran (sampled every 2 ms); for wgpu it covers host memory only",
         "dense": "GELU FFW whose forward FLOPs per token equal the PEER layer's at the first N (retrieval counted)",
     }));
+    let title = format!("PEER layer vs FLOP-matched dense FFW, {} tokens (median)", args.tokens);
+    draw_charts("backends", &[Chart::bars("backends.png", &title, "milliseconds", bars)]);
 }
 
 /// PEER-pytorch against this crate's layer on Flex, side by side in one run.
@@ -227,12 +271,15 @@ pub fn pytorch(args: &LayerArgs, python: &str) {
     }
     let repeats = Repeats { warmup: 1, timed: args.repeats };
     let device = Device::flex().autodiff();
-    let mut report = Report::new("pytorch", &["N", "implementation", "forward+backward", "spread", "PyTorch time / ours"]);
+    let mut report =
+        Report::new("pytorch", &["N", "implementation", "forward+backward", "spread", "PyTorch time / ours"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peer_pytorch_bench.py");
+    let mut bars = Vec::new();
     for &root in &args.roots {
         let config = args.peer(root);
         let layer = config.init(&device);
-        let ours = measure(&|x| layer.forward(x), &device, args.tokens, args.d_model, repeats, true);
+        let ours = measure(Pass::Taped(&layer), &device, args.tokens, args.d_model, repeats);
+        let dense_tables = measure(Pass::Backward(&|x| layer.forward(x)), &device, args.tokens, args.d_model, repeats);
         drop(layer);
         let output = std::process::Command::new(python)
             .arg(script)
@@ -247,23 +294,29 @@ pub fn pytorch(args: &LayerArgs, python: &str) {
             ])
             .output()
             .expect("python runs");
-        let theirs: Option<Timing> = serde_json::from_slice::<serde_json::Value>(&output.stdout)
-            .ok()
-            .map(|v| Timing {
-                median_s: v["median_s"].as_f64().unwrap_or(f64::NAN),
-                min_s: v["min_s"].as_f64().unwrap_or(f64::NAN),
-                max_s: v["max_s"].as_f64().unwrap_or(f64::NAN),
-                runs: v["runs"].as_u64().unwrap_or(0) as usize,
-            });
+        let theirs: Option<Timing> = serde_json::from_slice::<serde_json::Value>(&output.stdout).ok().map(|v| Timing {
+            median_s: v["median_s"].as_f64().unwrap_or(f64::NAN),
+            min_s: v["min_s"].as_f64().unwrap_or(f64::NAN),
+            max_s: v["max_s"].as_f64().unwrap_or(f64::NAN),
+            runs: v["runs"].as_u64().unwrap_or(0) as usize,
+        });
         if theirs.is_none() {
             eprintln!("PEER-pytorch run failed: {}", String::from_utf8_lossy(&output.stderr));
         }
         let ours = ours.ok().map(|(t, _)| t);
+        let dense_tables = dense_tables.ok().map(|(t, _)| t);
         let ratio = match (&ours, &theirs) {
             (Some(a), Some(b)) => Some(b.median_s / a.median_s),
             _ => None,
         };
-        for (name, timing) in [("peer-burn (flex)", &ours), ("PEER-pytorch (CPU)", &theirs)] {
+        for (name, timing) in [
+            ("peer-burn, sparse rows (flex)", &ours),
+            ("peer-burn, dense tables (flex)", &dense_tables),
+            ("PEER-pytorch (CPU)", &theirs),
+        ] {
+            if let Some(t) = timing {
+                bars.push((format!("{name}, N = {root}²"), 1e3 * t.median_s));
+            }
             report.row(
                 vec![
                     format!("{root}²"),
@@ -281,6 +334,9 @@ pub fn pytorch(args: &LayerArgs, python: &str) {
         }
     }
     report.write(serde_json::json!({
-        "pytorch": "PEER(non_competing_scores=False, dim_key=key_dim/2), torch threads = available cores; BatchNorm is ours only (PEER-pytorch has no query norm)"
+        "pytorch": "PEER(non_competing_scores=False, dim_key=key_dim/2), torch threads = available cores; BatchNorm is ours only (PEER-pytorch has no query norm)",
+        "ratio": "PyTorch time / ours with row-sparse table gradients (ExpertTape), the way peer-train trains; the dense-table row is autodiff's dense [N, d_model] gradients"
     }));
+    let title = format!("PEER layer forward + backward, {} tokens, CPU (median)", args.tokens);
+    draw_charts("pytorch", &[Chart::bars("pytorch.png", &title, "milliseconds", bars)]);
 }

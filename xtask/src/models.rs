@@ -3,16 +3,21 @@
 
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::optim::AdamWConfig;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::tensor::{Device, Distribution, Tensor};
+use burn::train::TrainStep;
 use clap::Args;
 use peer::core::{DenseFfwConfig, MoeConfig, MoeRouting, PeerConfig, PkmConfig, QueryNorm};
-use peer::model::{FeedForwardConfig, TransformerConfig};
+use peer::model::{FeedForward, FeedForwardConfig, Transformer, TransformerConfig};
 use peer::train::corpus::{Corpus, bundled_corpus};
+use peer::train::data::LmBatch;
+use peer::train::learner::{ExpertUpdates, LanguageModel};
 use peer::train::tokenizer::TextTokenizer;
 use peer::train::training::{TrainOptions, TrainingConfig, train};
 
-use crate::harness::{PeakMemory, Repeats, Report, bench_dir, bytes, si, time};
+use crate::harness::{Chart, ChartSeries, PeakMemory, Repeats, Report, bench_dir, bytes, draw_charts, si, time};
+use crate::layers::available_devices;
 
 /// Sizes of `bench models`.
 #[derive(Args, Debug, Clone)]
@@ -41,11 +46,44 @@ struct Size {
 impl ModelsArgs {
     fn size(&self) -> Size {
         if self.toy {
-            Size { d_model: 32, layers: 2, seq_len: 32, batch: 4, epochs: 1, steps: 3, vocab: 300, peer_roots: vec![8, 16], peer_heads: 2, peer_top_k: 4 }
+            Size {
+                d_model: 32,
+                layers: 2,
+                seq_len: 32,
+                batch: 4,
+                epochs: 1,
+                steps: 3,
+                vocab: 300,
+                peer_roots: vec![8, 16],
+                peer_heads: 2,
+                peer_top_k: 4,
+            }
         } else if self.quick {
-            Size { d_model: 64, layers: 4, seq_len: 64, batch: 16, epochs: 4, steps: 60, vocab: 1024, peer_roots: vec![64, 128, 256], peer_heads: 4, peer_top_k: 8 }
+            Size {
+                d_model: 64,
+                layers: 4,
+                seq_len: 64,
+                batch: 16,
+                epochs: 4,
+                steps: 60,
+                vocab: 1024,
+                peer_roots: vec![64, 128, 256],
+                peer_heads: 4,
+                peer_top_k: 8,
+            }
         } else {
-            Size { d_model: 128, layers: 4, seq_len: 128, batch: 16, epochs: 6, steps: 100, vocab: 2048, peer_roots: vec![128, 256, 512, 1024], peer_heads: 4, peer_top_k: 8 }
+            Size {
+                d_model: 128,
+                layers: 4,
+                seq_len: 128,
+                batch: 16,
+                epochs: 6,
+                steps: 100,
+                vocab: 2048,
+                peer_roots: vec![128, 256, 512, 1024],
+                peer_heads: 4,
+                peer_top_k: 8,
+            }
         }
     }
 }
@@ -64,15 +102,26 @@ pub fn models(args: &ModelsArgs) {
     let size = args.size();
     let corpus = Corpus::load(&bundled_corpus()).expect("bundled corpus");
     let tokenizer = TextTokenizer::for_corpus(&corpus, size.vocab).expect("tokenizer");
-    let base = TransformerConfig::dense(tokenizer.vocab_size(), size.d_model, size.layers, 4, size.seq_len, 4 * size.d_model)
-        .with_middle_block(peer_layer(&size, size.peer_roots[0]));
+    let base =
+        TransformerConfig::dense(tokenizer.vocab_size(), size.d_model, size.layers, 4, size.seq_len, 4 * size.d_model)
+            .with_middle_block(peer_layer(&size, size.peer_roots[0]));
 
     // Every other model replaces the middle block, sized to the PEER block's FLOPs.
     let mut runs: Vec<(String, TransformerConfig)> = Vec::new();
     let templates = [
         ("dense", FeedForwardConfig::Dense(DenseFfwConfig::new(size.d_model, 1))),
-        ("moe (expert choice, 16 experts)", FeedForwardConfig::Moe(MoeConfig::new(size.d_model, 16, 1).with_routing(MoeRouting::ExpertChoice))),
-        ("pkm", FeedForwardConfig::Pkm(PkmConfig::new(size.d_model, size.peer_roots[0].pow(2)).with_heads(size.peer_heads).with_top_k(size.peer_top_k))),
+        (
+            "moe (expert choice, 16 experts)",
+            FeedForwardConfig::Moe(MoeConfig::new(size.d_model, 16, 1).with_routing(MoeRouting::ExpertChoice)),
+        ),
+        (
+            "pkm",
+            FeedForwardConfig::Pkm(
+                PkmConfig::new(size.d_model, size.peer_roots[0].pow(2))
+                    .with_heads(size.peer_heads)
+                    .with_top_k(size.peer_top_k),
+            ),
+        ),
     ];
     for (name, template) in templates {
         runs.push((name.into(), base.flop_matched(&template).expect("FLOP matching")));
@@ -88,6 +137,7 @@ pub fn models(args: &ModelsArgs) {
         &["model", "params", "active params", "FLOPs/token", "valid ppl", "tokens/s", "expert usage", "unevenness"],
     );
     let reference_flops = base.cost().forward_flops_per_token;
+    let (mut perplexities, mut sweep) = (Vec::new(), Vec::new());
     for (name, model) in runs {
         let mut config = TrainingConfig::new(model.clone());
         config.vocab_size = size.vocab;
@@ -112,12 +162,20 @@ pub fn models(args: &ModelsArgs) {
         let e = &summary.evaluation;
         let usage = e.expert_usage.first().map(|(_, u, _)| *u);
         let unevenness = e.expert_usage.first().map(|(_, _, k)| *k);
+        perplexities.push((name.clone(), e.perplexity));
+        if let Some(FeedForwardConfig::Peer(peer)) = model.block_feed_forward.first().map(|b| &b.feed_forward) {
+            sweep.push((peer.num_experts as f64, e.perplexity));
+        }
         report.row(
             vec![
                 name.clone(),
                 si(cost.params as f64),
                 si(cost.active_params as f64),
-                format!("{} ({:+.1}%)", si(cost.forward_flops_per_token), 100.0 * (cost.forward_flops_per_token / reference_flops - 1.0)),
+                format!(
+                    "{} ({:+.1}%)",
+                    si(cost.forward_flops_per_token),
+                    100.0 * (cost.forward_flops_per_token / reference_flops - 1.0)
+                ),
                 format!("{:.2}", e.perplexity),
                 si(tokens / seconds),
                 usage.map_or("-".into(), |u| format!("{:.1}%", 100.0 * u)),
@@ -135,6 +193,20 @@ pub fn models(args: &ModelsArgs) {
         "recipe": format!("{} epochs × {} steps × {} sequences × {} tokens, same seed and data order for every model, Flex device", size.epochs, size.steps, size.batch, size.seq_len),
         "matching": "the middle block of each model is sized to the FLOPs per token of the PEER block at the first N; the N sweep keeps h·k fixed",
     }));
+    draw_charts(
+        "models",
+        &[
+            Chart::bars("models.png", "Validation perplexity at equal FLOPs per token (lower is better)", "perplexity", perplexities),
+            Chart::lines(
+                "models_peer_sweep.png",
+                "PEER: validation perplexity vs number of experts (fixed h·k)",
+                "experts N",
+                "perplexity",
+                true,
+                vec![ChartSeries { label: "PEER".into(), points: sweep }],
+            ),
+        ],
+    );
 }
 
 /// Sizes of `bench scaling`.
@@ -164,59 +236,195 @@ pub struct ScalingArgs {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Device: flex (default), ndarray or wgpu.
+    #[arg(long, default_value = "flex")]
+    pub device: String,
+    /// How the expert tables are trained: `sparse`, `dense`, or both (compared side by side).
+    #[arg(long, value_delimiter = ',', default_values_t = [String::from("sparse"), String::from("dense")])]
+    pub updates: Vec<String>,
 }
 
+/// Median of `samples` (seconds).
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// Training-step time of a 4-block LM with PEER in the middle block, through the same
+/// `TrainStep::step` + `TrainStep::optimize` calls Burn's `Learner` makes, for each N and each
+/// way of updating the expert tables. Phases: forward+backward and optimizer are timed inside
+/// the step; retrieval and expert compute are timed on their own at the step's shapes (the
+/// PEER block's input), forward and backward; "rest" is the step minus those three.
 pub fn scaling(args: &ScalingArgs) {
-    let device = Device::flex().autodiff();
+    let Some((_, plain)) = available_devices(std::slice::from_ref(&args.device)).into_iter().next() else {
+        panic!("--device {}: not available in this build or on this machine", args.device);
+    };
+    let device = plain.clone().autodiff();
     let vocab = 4096;
-    let mut report = Report::new("scaling", &["N", "params", "step time", "spread", "tokens/s", "peak RSS", "params + Adam state"]);
-    let mut first: Option<f64> = None;
-    for &root in &args.roots {
-        let peer = PeerConfig::new(args.d_model, root * root)
-            .with_heads(args.heads)
-            .with_top_k(args.top_k)
-            .with_key_dim(args.key_dim);
-        let config = TransformerConfig::dense(vocab, args.d_model, 4, 4, args.seq_len, 4 * args.d_model)
-            .with_middle_block(FeedForwardConfig::Peer(peer));
-        let params = config.cost().params;
-        let memory = PeakMemory::start();
-        let mut model = Some(config.init(&device));
-        let mut optim = AdamWConfig::new().init();
-        let tokens = || {
-            Tensor::<2>::random([args.batch, args.seq_len], Distribution::Uniform(0.0, vocab as f64), &device).int()
+    let mut report = Report::new(
+        "scaling",
+        &[
+            "device",
+            "updates",
+            "N",
+            "step time",
+            "spread",
+            "retrieval",
+            "experts",
+            "optimizer",
+            "rest",
+            "tokens/s",
+            "peak RSS",
+            "params + AdamW state",
+            "peak / state",
+        ],
+    );
+    let tokens_per_step = args.batch * args.seq_len;
+    let (mut step_lines, mut memory_lines) = (Vec::new(), Vec::new());
+    let mut state_line = Vec::new();
+    for mode in &args.updates {
+        let (mut steps, mut peaks) = (Vec::new(), Vec::new());
+        let updates = match mode.as_str() {
+            "sparse" => ExpertUpdates::Sparse,
+            "dense" => ExpertUpdates::Dense,
+            other => panic!("--updates: `{other}` is neither `sparse` nor `dense`"),
         };
-        let (inputs, targets): (Tensor<2, Int>, Tensor<2, Int>) = (tokens(), tokens());
-        let timing = time(&device, Repeats { warmup: 1, timed: args.repeats }, || {
-            let m = model.take().expect("model");
-            let (loss, _, _) = m.loss(inputs.clone(), targets.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &m);
-            model = Some(optim.step(1e-3, m, grads));
-        });
-        let peak = memory.stop();
-        let state = (3 * params * 4) as u64;
-        let ratio = first.map_or(1.0, |f| timing.median_s / f);
-        first.get_or_insert(timing.median_s);
-        let tokens_per_step = args.batch * args.seq_len;
-        report.row(
-            vec![
-                format!("{root}²"),
-                si(params as f64),
-                format!("{} ({ratio:.2}×)", timing.median()),
-                format!("{:.0}%", 100.0 * timing.spread()),
-                si(tokens_per_step as f64 / timing.median_s),
-                bytes(peak),
-                bytes(Some(state)),
-            ],
-            serde_json::json!({
-                "num_experts": root * root, "params": params, "timing": timing, "step_time_over_first": ratio,
-                "tokens_per_step": tokens_per_step, "peak_rss_bytes": peak, "params_and_adam_state_bytes": state,
-                "d_model": args.d_model, "heads": args.heads, "top_k": args.top_k, "key_dim": args.key_dim,
-            }),
-        );
-        drop(model.take());
+        let mut first: Option<f64> = None;
+        for &root in &args.roots {
+            let peer_config = PeerConfig::new(args.d_model, root * root)
+                .with_heads(args.heads)
+                .with_top_k(args.top_k)
+                .with_key_dim(args.key_dim)
+                .with_query_norm(QueryNorm::BatchNorm);
+            let config = TransformerConfig::dense(vocab, args.d_model, 4, 4, args.seq_len, 4 * args.d_model)
+                .with_middle_block(FeedForwardConfig::Peer(peer_config.clone()));
+            let params = config.cost().params;
+            let state = (3 * params * 4) as u64;
+            let memory = PeakMemory::start();
+            device.seed(0);
+            let mut model = Some(LanguageModel::new(config.init(&device), updates, 1.0));
+            let mut optim = AdamWConfig::new().with_grad_clipping(Some(GradientClippingConfig::Norm(1.0))).init();
+            let tokens = || {
+                Tensor::<2>::random([args.batch, args.seq_len], Distribution::Uniform(0.0, vocab as f64), &device).int()
+            };
+            let batch = LmBatch { inputs: tokens(), targets: tokens() };
+            let (mut step_s, mut backward_s, mut optimizer_s) = (Vec::new(), Vec::new(), Vec::new());
+            for run in 0..args.repeats + 1 {
+                let m = model.take().expect("model");
+                device.sync().ok();
+                let start = Instant::now();
+                let output = TrainStep::step(&m, batch.clone());
+                device.sync().ok();
+                let stepped = Instant::now();
+                let m = TrainStep::optimize(m, &mut optim, 1e-3.into(), output.grads);
+                device.sync().ok();
+                if run > 0 {
+                    backward_s.push((stepped - start).as_secs_f64());
+                    optimizer_s.push(stepped.elapsed().as_secs_f64());
+                    step_s.push(start.elapsed().as_secs_f64());
+                }
+                model = Some(m);
+            }
+            let peak = memory.stop();
+            let model = model.take().expect("model");
+            let (retrieval, experts) = phase_times(&model.transformer, args, &device, updates);
+            drop(model);
+            let step = median(step_s.clone());
+            let optimizer = median(optimizer_s);
+            let rest = (median(backward_s) - retrieval - experts).max(0.0);
+            let ratio = first.map_or(1.0, |f| step / f);
+            first.get_or_insert(step);
+            let spread = (step_s.iter().cloned().fold(f64::MIN, f64::max)
+                - step_s.iter().cloned().fold(f64::MAX, f64::min))
+                / step;
+            let ms = |s: f64| format!("{:.0} ms", 1e3 * s);
+            let n = (root * root) as f64;
+            steps.push((n, step));
+            if let Some(p) = peak {
+                peaks.push((n, p as f64 / (1u64 << 30) as f64));
+            }
+            if state_line.len() < args.roots.len() {
+                state_line.push((n, state as f64 / (1u64 << 30) as f64));
+            }
+            report.row(
+                vec![
+                    args.device.clone(),
+                    mode.clone(),
+                    format!("{root}²"),
+                    format!("{} ({ratio:.2}×)", if step >= 1.0 { format!("{step:.2} s") } else { ms(step) }),
+                    format!("{:.0}%", 100.0 * spread),
+                    ms(retrieval),
+                    ms(experts),
+                    ms(optimizer),
+                    ms(rest),
+                    si(tokens_per_step as f64 / step),
+                    bytes(peak),
+                    bytes(Some(state)),
+                    peak.map_or("-".into(), |p| format!("{:.2}", p as f64 / state as f64)),
+                ],
+                serde_json::json!({
+                    "device": args.device, "expert_updates": mode, "num_experts": root * root, "params": params,
+                    "step_s": {"median": step, "samples": step_s}, "step_time_over_first": ratio,
+                    "phases_s": {"retrieval": retrieval, "experts": experts, "optimizer": optimizer, "rest": rest},
+                    "tokens_per_step": tokens_per_step, "peak_rss_bytes": peak, "params_and_adamw_state_bytes": state,
+                    "d_model": args.d_model, "heads": args.heads, "top_k": args.top_k, "key_dim": args.key_dim,
+                }),
+            );
+        }
+        step_lines.push(ChartSeries { label: format!("{mode} expert updates"), points: steps });
+        memory_lines.push(ChartSeries { label: format!("peak RSS, {mode}"), points: peaks });
     }
+    memory_lines.push(ChartSeries { label: "params + AdamW state".into(), points: state_line });
     report.write(serde_json::json!({
-        "model": "4 blocks, PEER in block 2, dense GELU (4·d_model) elsewhere, vocab 4096, AdamW, Flex",
-        "expert_updates": "dense: Burn 0.22 writes a dense [N, d_model] gradient per expert table and AdamW updates every row",
+        "model": "4 blocks, PEER (BatchNorm queries) in block 2, dense GELU (4·d_model) elsewhere, vocab 4096, AdamW with norm clipping",
+        "step": "peer_train::learner::LanguageModel: TrainStep::step then TrainStep::optimize, as Burn's Learner calls them",
+        "phases": "optimizer: timed inside the step; retrieval (query network + product keys, forward and backward) and experts (Eq. 5 forward and backward: sparse = detached blocks with row gradients, dense = autodiff with dense table gradients) timed on their own at the step's shapes; rest = forward+backward minus those two",
+        "state": "params + AdamW state = 3 × params × 4 bytes (values and two moments; sparse keeps the two moments per table as well)",
     }));
+    let title = format!("Training step of a 4-block PEER LM ({tokens_per_step} tokens, {})", args.device);
+    draw_charts(
+        "scaling",
+        &[
+            Chart::lines("scaling_step_time.png", &title, "experts N", "seconds per step", true, step_lines),
+            Chart::lines("scaling_memory.png", "Peak memory vs number of experts", "experts N", "GiB", true, memory_lines),
+        ],
+    );
+}
+
+/// Retrieval and expert-compute times (forward and backward) of the PEER block at the step's
+/// shapes.
+fn phase_times(model: &Transformer, args: &ScalingArgs, device: &Device, updates: ExpertUpdates) -> (f64, f64) {
+    let peer = model
+        .blocks
+        .iter()
+        .find_map(|b| match &b.feed_forward {
+            FeedForward::Peer(p) => Some(p),
+            _ => None,
+        })
+        .expect("a PEER block");
+    let x = Tensor::<3>::random([args.batch, args.seq_len, args.d_model], Distribution::Normal(0.0, 1.0), device)
+        .require_grad();
+    let repeats = Repeats { warmup: 1, timed: args.repeats };
+    let retrieval = time(device, repeats, || {
+        let routing = peer.route(x.clone());
+        let _ = routing.router_weights.sum().backward();
+    });
+    let routing = peer.route(x.clone());
+    let tokens = args.batch * args.seq_len;
+    let m = args.heads * args.top_k;
+    let ids = routing.expert_ids.inner().reshape([tokens, m]);
+    let weights = routing.router_weights.inner().reshape([tokens, m]);
+    let x2 = x.clone().inner().reshape([tokens, args.d_model]);
+    let experts = match updates {
+        ExpertUpdates::Sparse => time(device, repeats, || {
+            let y = peer.experts.forward_detached(x2.clone(), ids.clone(), weights.clone());
+            let _ = peer.experts.backward_detached(x2.clone(), ids.clone(), weights.clone(), y);
+        }),
+        ExpertUpdates::Dense => time(device, repeats, || {
+            let x = Tensor::from_inner(x2.clone()).require_grad();
+            let w = Tensor::from_inner(weights.clone()).require_grad();
+            let _ = peer.experts.forward(x, ids.clone(), w).sum().backward();
+        }),
+    };
+    (retrieval.median_s, experts.median_s)
 }

@@ -1,5 +1,5 @@
-//! Every `cargo xtask bench` subcommand runs at a toy size and writes its JSON, so none rots.
-//! Not timed: the figures are whatever this machine gives.
+//! Every `cargo xtask bench` subcommand runs at a toy size and writes its JSON and its PNG
+//! charts, so none rots. Not timed: the figures are whatever this machine gives.
 
 use std::path::Path;
 use std::process::Command;
@@ -16,30 +16,92 @@ fn bench(dir: &Path, args: &[&str]) -> serde_json::Value {
     assert!(stdout.contains("|---|"), "{args:?} printed no table: {stdout}");
     let name = args[0];
     let json = std::fs::read_to_string(dir.join(format!("{name}.json"))).expect("JSON written");
+    let charts: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.charts.json"))).expect("charts written"))
+            .expect("valid chart spec");
+    for chart in charts {
+        let png = dir.join(chart["file"].as_str().unwrap());
+        let bytes = std::fs::read(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+        assert!(bytes.starts_with(b"\x89PNG"), "{} is not a PNG", png.display());
+    }
     serde_json::from_str(&json).expect("valid JSON")
 }
 
 #[test]
 fn every_subcommand_runs_at_toy_size() {
     let dir = std::env::temp_dir().join(format!("peer-xtask-{}", std::process::id()));
-    let layer = ["--roots", "4,8", "--d-model", "32", "--key-dim", "16", "--heads", "2", "--top-k", "4", "--tokens", "32", "--repeats", "1"];
+    let layer = [
+        "--roots",
+        "4,8",
+        "--d-model",
+        "32",
+        "--key-dim",
+        "16",
+        "--heads",
+        "2",
+        "--top-k",
+        "4",
+        "--tokens",
+        "32",
+        "--repeats",
+        "1",
+    ];
 
     let mut args = vec!["backends"];
     args.extend(layer);
     let backends = bench(&dir, &args);
     let records = backends["records"].as_array().unwrap();
     for device in ["flex", "ndarray", "wgpu"] {
-        assert!(records.iter().any(|r| r["device"] == device && r["layer"] == "peer" && r["timing"]["median_s"].as_f64().is_some()), "no {device} row");
+        assert!(
+            records
+                .iter()
+                .any(|r| r["device"] == device && r["layer"] == "peer" && r["timing"]["median_s"].as_f64().is_some()),
+            "no {device} row"
+        );
     }
     assert!(records.iter().any(|r| r["layer"].as_str().unwrap().starts_with("dense")));
+    for pass in ["forward", "forward+backward (sparse rows)", "forward+backward (dense tables)"] {
+        assert!(records.iter().any(|r| r["layer"] == "peer" && r["pass"] == pass), "no {pass} row");
+    }
 
-    let scaling = bench(&dir, &["scaling", "--roots", "4,8", "--d-model", "32", "--key-dim", "16", "--heads", "2", "--top-k", "4", "--batch", "2", "--seq-len", "16", "--repeats", "1"]);
-    assert_eq!(scaling["records"].as_array().unwrap().len(), 2);
+    let scaling = bench(
+        &dir,
+        &[
+            "scaling",
+            "--roots",
+            "4,8",
+            "--d-model",
+            "32",
+            "--key-dim",
+            "16",
+            "--heads",
+            "2",
+            "--top-k",
+            "4",
+            "--batch",
+            "2",
+            "--seq-len",
+            "16",
+            "--repeats",
+            "1",
+        ],
+    );
+    let records = scaling["records"].as_array().unwrap();
+    assert_eq!(records.len(), 4, "two sizes × sparse and dense updates");
+    for r in records {
+        for phase in ["retrieval", "experts", "optimizer", "rest"] {
+            assert!(r["phases_s"][phase].as_f64().is_some(), "no {phase} phase: {r}");
+        }
+    }
 
     let models = bench(&dir, &["models", "--toy"]);
     let records = models["records"].as_array().unwrap();
     let names: Vec<&str> = records.iter().map(|r| r["model"].as_str().unwrap()).collect();
-    assert!(names.iter().any(|n| n.starts_with("dense")) && names.iter().any(|n| n.starts_with("moe")) && names.iter().any(|n| n.starts_with("pkm")));
+    assert!(
+        names.iter().any(|n| n.starts_with("dense"))
+            && names.iter().any(|n| n.starts_with("moe"))
+            && names.iter().any(|n| n.starts_with("pkm"))
+    );
     assert_eq!(names.iter().filter(|n| n.starts_with("peer")).count(), 2, "{names:?}");
     let flops: Vec<f64> = records.iter().map(|r| r["forward_flops_per_token"].as_f64().unwrap()).collect();
     assert!(flops.iter().all(|f| (f / flops[3] - 1.0).abs() < 0.05), "not FLOP-matched: {flops:?}");

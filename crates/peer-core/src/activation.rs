@@ -11,3 +11,10 @@ use burn::tensor::Tensor;
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     (x.clone().div_scalar(std::f64::consts::SQRT_2).erf() + 1.0) * x * 0.5
 }
+
+/// dGELU/dx = Φ(x) + x φ(x), with Φ, φ the standard normal CDF and density.
+pub fn gelu_derivative<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let cdf = (x.clone().div_scalar(std::f64::consts::SQRT_2).erf() + 1.0) * 0.5;
+    let density = (x.clone().square() * -0.5).exp() * (1.0 / (2.0 * std::f64::consts::PI).sqrt());
+    cdf + x * density
+}

@@ -97,6 +97,11 @@ pub struct PeerConfig {
     /// Epsilon of the query norm.
     #[config(default = 1e-5)]
     pub norm_epsilon: f64,
+    /// Largest row block of an expert table, in bytes. `None` (the default): one block on CPU
+    /// backends, blocks of at most 64 MiB on GPU backends (wgpu caps one buffer at 128 MiB).
+    /// See [`ExpertTable`](crate::ExpertTable).
+    #[config(default = "None")]
+    pub table_block_bytes: Option<usize>,
 }
 
 impl PeerConfig {
@@ -110,16 +115,18 @@ impl PeerConfig {
         if let Some(std) = self.expert_init_std
             && !(std.is_finite() && std > 0.0)
         {
+            return Err(ConfigError::new("expert_init_std", format!("must be finite and positive, got {std}")));
+        }
+        if let Some(bytes) = self.table_block_bytes
+            && bytes < 4 * self.d_model
+        {
             return Err(ConfigError::new(
-                "expert_init_std",
-                format!("must be finite and positive, got {std}"),
+                "table_block_bytes",
+                format!("must hold at least one row of 4 · d_model = {} bytes, got {bytes}", 4 * self.d_model),
             ));
         }
         if !(self.norm_momentum.is_finite() && (0.0..=1.0).contains(&self.norm_momentum)) {
-            return Err(ConfigError::new(
-                "norm_momentum",
-                format!("must lie in [0, 1], got {}", self.norm_momentum),
-            ));
+            return Err(ConfigError::new("norm_momentum", format!("must lie in [0, 1], got {}", self.norm_momentum)));
         }
         if !(self.norm_epsilon.is_finite() && self.norm_epsilon > 0.0) {
             return Err(ConfigError::new(
@@ -142,8 +149,7 @@ impl PeerConfig {
 
     /// The standard deviation the expert tables are initialised with.
     pub fn expert_std(&self) -> f64 {
-        self.expert_init_std
-            .unwrap_or(1.0 / (self.d_model as f64).sqrt())
+        self.expert_init_std.unwrap_or(1.0 / (self.d_model as f64).sqrt())
     }
 }
 
@@ -156,11 +162,7 @@ pub(crate) fn positive(field: &'static str, value: usize) -> Result<(), ConfigEr
 
 /// The rules shared by every product-key layer (PEER and PKM): N a non-zero perfect square,
 /// 1 ≤ k ≤ √N, key dimension even and non-zero.
-pub(crate) fn validate_product_keys(
-    num_experts: usize,
-    top_k: usize,
-    key_dim: usize,
-) -> Result<(), ConfigError> {
+pub(crate) fn validate_product_keys(num_experts: usize, top_k: usize, key_dim: usize) -> Result<(), ConfigError> {
     positive("num_experts", num_experts)?;
     let Some(root) = exact_sqrt(num_experts) else {
         let below = (num_experts as f64).sqrt().floor() as usize;

@@ -62,11 +62,7 @@ impl DenseFfwConfig {
             DenseKind::SwiGlu => 3,
         };
         let params = matrices * self.d_model * self.hidden;
-        LayerCost {
-            params,
-            active_params: params,
-            flops_per_token: 2.0 * params as f64,
-        }
+        LayerCost { params, active_params: params, flops_per_token: 2.0 * params as f64 }
     }
 }
 

@@ -15,9 +15,6 @@ pub struct ConfigError {
 impl ConfigError {
     /// An error for `field` breaking `rule`.
     pub fn new(field: &'static str, rule: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            field,
-            rule: rule.into(),
-        }
+        Self { field, rule: rule.into() }
     }
 }

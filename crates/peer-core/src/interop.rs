@@ -70,7 +70,10 @@ pub fn load_peer_pytorch(mut peer: Peer, path: &Path) -> Result<Peer, InteropErr
         let format = |reason: String| InteropError::Format { path: path.to_path_buf(), reason };
         let view = file.tensor(name).map_err(|_| format(format!("tensor `{name}` is missing")))?;
         if view.shape() != shape {
-            return Err(format(format!("tensor `{name}` has shape {:?}, the Peer layer needs {shape:?}", view.shape())));
+            return Err(format(format!(
+                "tensor `{name}` has shape {:?}, the Peer layer needs {shape:?}",
+                view.shape()
+            )));
         }
         if view.dtype() != Dtype::F32 {
             return Err(format(format!("tensor `{name}` is {:?}, expected F32", view.dtype())));
@@ -111,8 +114,9 @@ pub fn load_peer_pytorch(mut peer: Peer, path: &Path) -> Result<Peer, InteropErr
 
     replace(&mut peer.query.linear.weight, query, [dim, features]);
     replace(&mut peer.product_keys.sub_keys, keys, [heads, 2, root, dk]);
-    replace(&mut peer.experts.down, down, [num_experts, dim]);
-    replace(&mut peer.experts.up, up, [num_experts, dim]);
+    for (table, values) in [(&mut peer.experts.down, down), (&mut peer.experts.up, up)] {
+        table.set(Tensor::from_data(TensorData::new(values, [num_experts, dim]), &table.val().device().inner()));
+    }
     Ok(peer)
 }
 

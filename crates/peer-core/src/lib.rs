@@ -10,7 +10,9 @@
 //! - [`PeerConfig`] / [`Peer`]: the layer (Algorithm 1).
 //! - [`ProductKeys`]: exact product-key top-k retrieval, reusable by other memory layers.
 //! - [`QueryNetwork`]: the h query heads and the query norm.
-//! - [`Experts`]: the two `[N, d_model]` expert tables.
+//! - [`Experts`]: the two `[N, d_model]` expert tables ([`ExpertTable`]).
+//! - Row-sparse training: [`ExpertTape`] (gradients of the retrieved rows only) and
+//!   [`SparseAdamWConfig`] (lazy AdamW on those rows, in place).
 //! - [`ExpertUsage`]: the paper's expert usage and unevenness statistics.
 //! - [`interop`]: loading PEER-pytorch (the PyTorch reference) weights.
 //! - Baselines: [`DenseFfw`] (GELU / SwiGLU), [`Moe`] (token- or expert-choice), [`Pkm`]
@@ -41,25 +43,31 @@ pub mod activation;
 mod config;
 pub mod cost;
 mod dense;
-mod moe;
-mod pkm;
 mod error;
 mod experts;
 pub mod interop;
+mod moe;
 mod peer;
+mod pkm;
 mod product_keys;
 mod query;
+mod sparse_adamw;
+mod table;
+mod tape;
 mod topk;
 mod usage;
 
 pub use config::{Activation, Gate, PeerConfig, QueryNorm};
 pub use cost::LayerCost;
 pub use dense::{DenseFfw, DenseFfwConfig, DenseKind};
-pub use moe::{Moe, MoeConfig, MoeRouting};
-pub use pkm::{Pkm, PkmConfig};
 pub use error::ConfigError;
-pub use experts::Experts;
+pub use experts::{ExpertGradients, Experts, RowGradients, TouchedRows, touched_rows};
+pub use moe::{Moe, MoeConfig, MoeRouting};
 pub use peer::{Peer, PeerRouting};
+pub use pkm::{Pkm, PkmConfig};
 pub use product_keys::{ProductKeys, ProductKeysConfig};
 pub use query::QueryNetwork;
+pub use sparse_adamw::{RowMoments, SparseAdamWConfig, SparseAdamWState};
+pub use table::{ExpertTable, GPU_BLOCK_BYTES, TableRows, block_rows};
+pub use tape::{ExpertTape, TableGradients, TapeGradients};
 pub use usage::ExpertUsage;

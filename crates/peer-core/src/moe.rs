@@ -82,16 +82,10 @@ impl MoeConfig {
     pub fn init(&self, device: &Device) -> Moe {
         self.validate().unwrap_or_else(|err| panic!("{err}"));
         let normal = |shape: [usize; 3], fan_in: usize| {
-            Param::from_tensor(Tensor::random(
-                shape,
-                Distribution::Normal(0.0, 1.0 / (fan_in as f64).sqrt()),
-                device,
-            ))
+            Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 1.0 / (fan_in as f64).sqrt()), device))
         };
         Moe {
-            router: LinearConfig::new(self.d_model, self.num_experts)
-                .with_bias(false)
-                .init(device),
+            router: LinearConfig::new(self.d_model, self.num_experts).with_bias(false).init(device),
             w_in: normal([self.num_experts, self.d_model, self.hidden], self.d_model),
             w_out: normal([self.num_experts, self.hidden, self.d_model], self.hidden),
             top_k: self.top_k,
@@ -155,9 +149,8 @@ impl Moe {
 
         let logits = self.router.forward(x.clone()); // [tokens, E]
         let probs = softmax(logits.clone(), 1);
-        let capacity = ((self.capacity_factor * (tokens * self.top_k) as f64 / experts as f64)
-            .ceil() as usize)
-            .clamp(1, tokens);
+        let capacity =
+            ((self.capacity_factor * (tokens * self.top_k) as f64 / experts as f64).ceil() as usize).clamp(1, tokens);
 
         // affinity[t, e]: how much expert e wants token t (−∞: not allowed to take it).
         let (affinity, gate, aux_loss) = match self.routing {
@@ -184,12 +177,9 @@ impl Moe {
         };
 
         // Each expert's top-capacity tokens: [E, capacity].
-        let slots = top_k_indices(affinity.transpose().reshape([experts, 1, tokens]), capacity)
-            .reshape([experts, capacity]);
-        let slot_gate = gate
-            .transpose()
-            .gather(1, slots.clone())
-            .reshape([experts, capacity, 1]);
+        let slots =
+            top_k_indices(affinity.transpose().reshape([experts, 1, tokens]), capacity).reshape([experts, capacity]);
+        let slot_gate = gate.transpose().gather(1, slots.clone()).reshape([experts, capacity, 1]);
         let flat = slots.reshape([experts * capacity]);
         let x_slots = x.select(0, flat.clone()).reshape([experts, capacity, d_model]);
         let h = gelu(x_slots.matmul(self.w_in.val())); // [E, C, hidden]

@@ -10,6 +10,7 @@ use crate::error::ConfigError;
 use crate::experts::Experts;
 use crate::product_keys::{ProductKeys, ProductKeysConfig};
 use crate::query::{QueryNetwork, QueryNetworkSettings};
+use crate::tape::ExpertTape;
 
 /// Which experts each token's heads retrieved, and with which router weights.
 ///
@@ -73,27 +74,18 @@ impl PeerConfig {
     pub fn try_init(&self, device: &Device) -> Result<Peer, ConfigError> {
         self.validate()?;
         let query = self.query_network().init(device);
-        let product_keys = ProductKeysConfig::new(
-            self.num_experts,
-            self.key_dim,
-            self.top_k,
-            self.heads,
-        )
-        .with_shared(self.shared_keys)
-        .try_init(device)?;
+        let product_keys = ProductKeysConfig::new(self.num_experts, self.key_dim, self.top_k, self.heads)
+            .with_shared(self.shared_keys)
+            .try_init(device)?;
         let experts = Experts::init(
             self.num_experts,
             self.d_model,
             self.expert_std(),
             self.activation,
+            self.table_block_bytes,
             device,
         );
-        Ok(Peer {
-            query,
-            product_keys,
-            experts,
-            gate: self.gate,
-        })
+        Ok(Peer { query, product_keys, experts, gate: self.gate })
     }
 }
 
@@ -165,6 +157,35 @@ impl Peer {
             router_weights: router_weights.reshape([batch, seq, heads, k]),
         };
         (output.reshape([batch, seq, d_model]), routing)
+    }
+
+    /// Like [`forward_with_routing`](Self::forward_with_routing), for training the expert
+    /// tables row-sparsely: the experts are computed without autodiff and recorded on `tape`,
+    /// and the output is a leaf. The caller must [`cut`](ExpertTape::cut) every other tracked
+    /// tensor that continues past this layer, and finish with [`ExpertTape::backward`]. On a
+    /// device without autodiff nothing is recorded and this equals `forward_with_routing`.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]`
+    /// - output: `([batch, seq, d_model], routing [batch, seq, heads, k])`
+    pub fn forward_taped(&self, x: Tensor<3>, tape: &mut ExpertTape) -> (Tensor<3>, PeerRouting) {
+        if !x.is_autodiff() {
+            return self.forward_with_routing(x);
+        }
+        let [batch, seq, d_model] = x.dims();
+        let tokens = batch * seq;
+        let x = x.reshape([tokens, d_model]);
+        let (expert_ids, router_weights) = self.route_tokens(x.clone());
+        let [_, heads, k] = expert_ids.dims();
+        let ids = expert_ids.clone().reshape([tokens, heads * k]);
+        let weights = router_weights.clone().reshape([tokens, heads * k]);
+        let output = self.experts.forward_detached(x.clone(), ids.clone(), weights.clone());
+        let output = tape.record(&self.experts, x, ids, weights, output.reshape([batch, seq, d_model]));
+        let routing = PeerRouting {
+            expert_ids: expert_ids.reshape([batch, seq, heads, k]),
+            router_weights: router_weights.reshape([batch, seq, heads, k]),
+        };
+        (output, routing)
     }
 
     /// The experts each token retrieves and their router weights, without computing them.

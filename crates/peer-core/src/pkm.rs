@@ -126,22 +126,12 @@ impl Pkm {
     pub fn forward_with_routing(&self, x: Tensor<3>) -> (Tensor<3>, PeerRouting) {
         let [batch, seq, d_model] = x.dims();
         let tokens = batch * seq;
-        let (scores, ids) = self
-            .product_keys
-            .retrieve(self.query.forward(x.reshape([tokens, d_model])));
+        let (scores, ids) = self.product_keys.retrieve(self.query.forward(x.reshape([tokens, d_model])));
         let [_, heads, k] = ids.dims();
         let weights = softmax(scores, 2);
         let m = heads * k;
-        let rows = self
-            .values
-            .val()
-            .select(0, ids.clone().reshape([tokens * m]))
-            .reshape([tokens, m, d_model]);
-        let output = weights
-            .clone()
-            .reshape([tokens, 1, m])
-            .matmul(rows)
-            .reshape([batch, seq, d_model]);
+        let rows = self.values.val().select(0, ids.clone().reshape([tokens * m])).reshape([tokens, m, d_model]);
+        let output = weights.clone().reshape([tokens, 1, m]).matmul(rows).reshape([batch, seq, d_model]);
         let routing = PeerRouting {
             expert_ids: ids.reshape([batch, seq, heads, k]),
             router_weights: weights.reshape([batch, seq, heads, k]),

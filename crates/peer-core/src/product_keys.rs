@@ -48,16 +48,8 @@ impl ProductKeysConfig {
         let half = self.key_dim / 2;
         let key_sets = if self.shared { 1 } else { self.heads };
         let bound = 1.0 / (half as f64).sqrt();
-        let keys = Tensor::random(
-            [key_sets, 2, sub_keys, half],
-            Distribution::Uniform(-bound, bound),
-            device,
-        );
-        Ok(ProductKeys {
-            sub_keys: Param::from_tensor(keys),
-            top_k: self.top_k,
-            heads: self.heads,
-        })
+        let keys = Tensor::random([key_sets, 2, sub_keys, half], Distribution::Uniform(-bound, bound), device);
+        Ok(ProductKeys { sub_keys: Param::from_tensor(keys), top_k: self.top_k, heads: self.heads })
     }
 }
 
@@ -152,10 +144,7 @@ impl ProductKeys {
         debug_assert_eq!(candidate_scores.dims(), [tokens, heads, pairs]);
 
         let best = top_k_indices(candidate_scores.clone(), k);
-        (
-            candidate_scores.gather(2, best.clone()),
-            candidate_ids.gather(2, best),
-        )
+        (candidate_scores.gather(2, best.clone()), candidate_ids.gather(2, best))
     }
 
     /// `q_half · C_half` for every token and head.
@@ -166,24 +155,14 @@ impl ProductKeys {
     fn half_scores(&self, query_half: Tensor<3>, half_index: usize) -> Tensor<3> {
         let [tokens, heads, half] = query_half.dims();
         let [key_sets, _, root, _] = self.sub_keys.dims();
-        let keys = self
-            .sub_keys
-            .val()
-            .narrow(1, half_index, 1)
-            .reshape([key_sets, root, half]);
+        let keys = self.sub_keys.val().narrow(1, half_index, 1).reshape([key_sets, root, half]);
         if key_sets == 1 {
             // One matmul for all heads.
             let keys = keys.reshape([root, half]).transpose();
-            query_half
-                .reshape([tokens * heads, half])
-                .matmul(keys)
-                .reshape([tokens, heads, root])
+            query_half.reshape([tokens * heads, half]).matmul(keys).reshape([tokens, heads, root])
         } else {
             // [heads, tokens, d/2] @ [heads, d/2, √N]
-            query_half
-                .swap_dims(0, 1)
-                .matmul(keys.swap_dims(1, 2))
-                .swap_dims(0, 1)
+            query_half.swap_dims(0, 1).matmul(keys.swap_dims(1, 2)).swap_dims(0, 1)
         }
     }
 
@@ -194,15 +173,9 @@ impl ProductKeys {
     pub fn full_keys(&self) -> Tensor<3> {
         let [key_sets, _, root, half] = self.sub_keys.dims();
         let keys = self.sub_keys.val();
-        let first = keys
-            .clone()
-            .narrow(1, 0, 1)
-            .reshape([key_sets, root, 1, half])
-            .expand([key_sets, root, root, half]);
-        let second = keys
-            .narrow(1, 1, 1)
-            .reshape([key_sets, 1, root, half])
-            .expand([key_sets, root, root, half]);
+        let first =
+            keys.clone().narrow(1, 0, 1).reshape([key_sets, root, 1, half]).expand([key_sets, root, root, half]);
+        let second = keys.narrow(1, 1, 1).reshape([key_sets, 1, root, half]).expand([key_sets, root, root, half]);
         Tensor::cat(vec![first, second], 3).reshape([key_sets, root * root, 2 * half])
     }
 }

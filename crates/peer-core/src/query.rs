@@ -52,20 +52,15 @@ impl QueryNetworkSettings {
     pub fn init(&self, device: &Device) -> QueryNetwork {
         let features = self.heads * self.key_dim;
         QueryNetwork {
-            linear: LinearConfig::new(self.d_model, features)
-                .with_bias(self.bias)
-                .init(device),
+            linear: LinearConfig::new(self.d_model, features).with_bias(self.bias).init(device),
             batch_norm: (self.norm == QueryNorm::BatchNorm).then(|| {
                 BatchNormConfig::new(features)
                     .with_momentum(self.norm_momentum)
                     .with_epsilon(self.norm_epsilon)
                     .init(device)
             }),
-            layer_norm: (self.norm == QueryNorm::LayerNorm).then(|| {
-                LayerNormConfig::new(self.key_dim)
-                    .with_epsilon(self.norm_epsilon)
-                    .init(device)
-            }),
+            layer_norm: (self.norm == QueryNorm::LayerNorm)
+                .then(|| LayerNormConfig::new(self.key_dim).with_epsilon(self.norm_epsilon).init(device)),
             heads: self.heads,
             key_dim: self.key_dim,
         }

@@ -27,9 +27,7 @@ pub struct ExpertUsage {
 impl ExpertUsage {
     /// An empty accumulator for `num_experts` experts.
     pub fn new(num_experts: usize) -> Self {
-        Self {
-            weight_per_expert: vec![0.0; num_experts],
-        }
+        Self { weight_per_expert: vec![0.0; num_experts] }
     }
 
     /// Number of experts N.

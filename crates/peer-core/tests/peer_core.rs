@@ -9,5 +9,6 @@ mod peer_core {
     pub mod layer_reference;
     pub mod reference;
     pub mod retrieval;
+    pub mod sparse;
     pub mod usage;
 }

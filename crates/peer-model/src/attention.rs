@@ -14,17 +14,12 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for a model of `num_layers` blocks.
     pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![None; num_layers],
-        }
+        Self { layers: vec![None; num_layers] }
     }
 
     /// Number of positions cached (0 when empty).
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
     }
 
     /// Whether nothing is cached yet.
@@ -83,18 +78,13 @@ impl CausalSelfAttention {
         let k = split(qkv.clone().narrow(2, d_model, d_model));
         let v = split(qkv.narrow(2, 2 * d_model, d_model));
 
-        let start = cache
-            .as_ref()
-            .and_then(|c| c.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2]);
+        let start = cache.as_ref().and_then(|c| c.as_ref()).map_or(0, |(k, _)| k.dims()[2]);
         let q = rope.apply(q, start);
         let k = rope.apply(k, start);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
-                    Some((past_k, past_v)) => {
-                        (Tensor::cat(vec![past_k, k], 2), Tensor::cat(vec![past_v, v], 2))
-                    }
+                    Some((past_k, past_v)) => (Tensor::cat(vec![past_k, k], 2), Tensor::cat(vec![past_v, v], 2)),
                     None => (k, v),
                 };
                 *slot = Some((k.clone(), v.clone()));
@@ -110,10 +100,7 @@ impl CausalSelfAttention {
             .reshape([1, 1, seq, total])
             .expand([batch, self.heads, seq, total]);
         let weights = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3);
-        let context = weights
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch, seq, d_model]);
+        let context = weights.matmul(v).swap_dims(1, 2).reshape([batch, seq, d_model]);
         self.output.forward(context)
     }
 }

@@ -7,7 +7,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-
 use burn::module::Module;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Device;
@@ -120,10 +119,7 @@ pub fn save_model(
     fs::create_dir_all(dir).map_err(io("create", dir))?;
     let weights = dir.join(WEIGHTS_FILE);
     let tmp = temporary(&weights);
-    model
-        .clone()
-        .save_file(&tmp)
-        .map_err(|e| CheckpointError::Weights { path: tmp.clone(), reason: e.to_string() })?;
+    model.clone().save_file(&tmp).map_err(|e| CheckpointError::Weights { path: tmp.clone(), reason: e.to_string() })?;
     fs::rename(&tmp, &weights).map_err(io("rename", &weights))?;
     let config_json = serde_json::to_string_pretty(config).expect("config serialises");
     write_atomic(&dir.join(CONFIG_FILE), config_json.as_bytes())?;
@@ -140,9 +136,7 @@ pub fn load_config(dir: &Path) -> Result<TransformerConfig, CheckpointError> {
         what: "model configuration",
         reason: e.to_string(),
     })?;
-    config
-        .validate()
-        .map_err(|source| CheckpointError::InvalidConfig { path, source })?;
+    config.validate().map_err(|source| CheckpointError::InvalidConfig { path, source })?;
     Ok(config)
 }
 
@@ -177,10 +171,7 @@ pub fn load_weights(model: Transformer, path: &Path) -> Result<Transformer, Chec
     match outcome {
         Ok(Ok(model)) => Ok(model),
         Ok(Err(e)) => Err(CheckpointError::Weights { path: path.to_path_buf(), reason: e.to_string() }),
-        Err(panic) => Err(CheckpointError::Weights {
-            path: path.to_path_buf(),
-            reason: panic_message(panic),
-        }),
+        Err(panic) => Err(CheckpointError::Weights { path: path.to_path_buf(), reason: panic_message(panic) }),
     }
 }
 
@@ -204,10 +195,7 @@ pub fn import_safetensors(mut model: Transformer, path: &Path) -> Result<Transfo
         .load_from(&mut store)
         .map_err(|e| CheckpointError::Weights { path: path.to_path_buf(), reason: e.to_string() })?;
     if !result.errors.is_empty() || !result.missing.is_empty() {
-        return Err(CheckpointError::Weights {
-            path: path.to_path_buf(),
-            reason: format!("{result}"),
-        });
+        return Err(CheckpointError::Weights { path: path.to_path_buf(), reason: format!("{result}") });
     }
     Ok(model)
 }
@@ -226,4 +214,3 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "unknown error".into())
 }
-

@@ -1,9 +1,7 @@
 //! [`TransformerConfig`]: the shape of the language model and the feed-forward of each block.
 
 use burn::config::Config;
-use peer_core::{
-    ConfigError, DenseFfwConfig, DenseKind, LayerCost, MoeConfig, PeerConfig, PkmConfig,
-};
+use peer_core::{ConfigError, DenseFfwConfig, DenseKind, LayerCost, MoeConfig, PeerConfig, PkmConfig};
 
 /// The feed-forward layer of one block.
 #[derive(Config, Debug, PartialEq)]
@@ -148,10 +146,7 @@ impl TransformerConfig {
 
     /// The feed-forward configuration of block `block`.
     pub fn feed_forward_of(&self, block: usize) -> &FeedForwardConfig {
-        self.block_feed_forward
-            .iter()
-            .find(|b| b.block == block)
-            .map_or(&self.feed_forward, |b| &b.feed_forward)
+        self.block_feed_forward.iter().find(|b| b.block == block).map_or(&self.feed_forward, |b| &b.feed_forward)
     }
 
     /// Checks every rule, naming the field (`block_feed_forward[i].…` for overrides).
@@ -183,8 +178,7 @@ impl TransformerConfig {
             return Err(ConfigError::new("norm_epsilon", "must be finite and positive"));
         }
         let check = |field: &'static str, ffw: &FeedForwardConfig| {
-            ffw.validate()
-                .map_err(|e| ConfigError::new(field, format!("{}: `{}` {}", ffw.kind(), e.field, e.rule)))?;
+            ffw.validate().map_err(|e| ConfigError::new(field, format!("{}: `{}` {}", ffw.kind(), e.field, e.rule)))?;
             if ffw.d_model() != self.d_model {
                 return Err(ConfigError::new(
                     field,
@@ -203,10 +197,7 @@ impl TransformerConfig {
             if override_.block >= self.num_layers {
                 return Err(ConfigError::new(
                     "block_feed_forward",
-                    format!(
-                        "names block {} but the model has blocks 0..{}",
-                        override_.block, self.num_layers
-                    ),
+                    format!("names block {} but the model has blocks 0..{}", override_.block, self.num_layers),
                 ));
             }
             check("block_feed_forward", &override_.feed_forward)?;

@@ -40,8 +40,7 @@ impl TransformerConfig {
         let mut active = params;
         let mut flops = 2.0 * (n * self.vocab_size) as f64;
         for block in 0..self.num_layers {
-            let LayerCost { params: p, active_params: a, flops_per_token: f } =
-                self.feed_forward_of(block).cost();
+            let LayerCost { params: p, active_params: a, flops_per_token: f } = self.feed_forward_of(block).cost();
             params += attention_params + norms_per_block + p;
             active += attention_params + norms_per_block + a;
             flops += attention_flops + f;
@@ -65,8 +64,7 @@ impl TransformerConfig {
             matched.feed_forward = size_to_flops(template, self.feed_forward.cost().flops_per_token)?;
         } else {
             for (slot, original) in matched.block_feed_forward.iter_mut().zip(&self.block_feed_forward) {
-                slot.feed_forward =
-                    size_to_flops(template, original.feed_forward.cost().flops_per_token)?;
+                slot.feed_forward = size_to_flops(template, original.feed_forward.cost().flops_per_token)?;
             }
         }
         matched.validate()?;

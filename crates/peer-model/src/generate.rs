@@ -62,9 +62,7 @@ pub enum GenerateError {
     #[error("the prompt is empty: give at least one token")]
     EmptyPrompt,
     /// Prompt plus new tokens do not fit the model's context.
-    #[error(
-        "prompt ({prompt} tokens) + max_new_tokens ({new}) exceeds the model's max_seq_len ({max})"
-    )]
+    #[error("prompt ({prompt} tokens) + max_new_tokens ({new}) exceeds the model's max_seq_len ({max})")]
     TooLong {
         /// Prompt length.
         prompt: usize,
@@ -127,13 +125,7 @@ impl Transformer {
 
 /// Picks a token from one position's logits.
 pub fn sample(logits: &[f64], sampling: &SamplingConfig, rng: &mut StdRng) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i as u32)
-    };
+    let argmax = || logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32);
     if sampling.greedy {
         return argmax();
     }
@@ -143,10 +135,7 @@ pub fn sample(logits: &[f64], sampling: &SamplingConfig, rng: &mut StdRng) -> u3
         order.truncate(k.min(order.len()));
     }
     let max = logits[order[0]];
-    let mut probs: Vec<f64> = order
-        .iter()
-        .map(|&i| ((logits[i] - max) / sampling.temperature).exp())
-        .collect();
+    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] - max) / sampling.temperature).exp()).collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if let Some(top_p) = sampling.top_p {

@@ -3,11 +3,10 @@
 use burn::module::{Initializer, Module};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{
-    Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding,
-    RotaryEncodingConfig,
+    Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding, RotaryEncodingConfig,
 };
 use burn::tensor::{Device, Int, Tensor};
-use peer_core::{ConfigError, DenseFfw, Moe, Peer, PeerRouting, Pkm};
+use peer_core::{ConfigError, DenseFfw, ExpertTape, Moe, Peer, PeerRouting, Pkm};
 
 use crate::attention::{CausalSelfAttention, KvCache};
 use crate::config::{FeedForwardConfig, TransformerConfig};
@@ -42,8 +41,12 @@ impl FeedForward {
         }
     }
 
-    fn forward(&self, x: Tensor<3>) -> FeedForwardOutput {
+    fn forward(&self, x: Tensor<3>, tape: Option<&mut ExpertTape>) -> FeedForwardOutput {
         let (output, aux_loss, routing) = match self {
+            Self::Peer(layer) if tape.is_some() => {
+                let (y, routing) = layer.forward_taped(x, tape.expect("checked"));
+                (y, None, Some(routing))
+            }
             Self::Dense(layer) => (layer.forward(x), None, None),
             Self::Moe(layer) => {
                 let (y, aux) = layer.forward(x);
@@ -146,11 +149,7 @@ impl TransformerConfig {
     /// Builds the model or says which field is invalid.
     pub fn try_init(&self, device: &Device) -> Result<Transformer, ConfigError> {
         self.validate()?;
-        let norm = || {
-            RmsNormConfig::new(self.d_model)
-                .with_epsilon(self.norm_epsilon)
-                .init(device)
-        };
+        let norm = || RmsNormConfig::new(self.d_model).with_epsilon(self.norm_epsilon).init(device);
         let blocks = (0..self.num_layers)
             .map(|block| TransformerBlock {
                 attention_norm: norm(),
@@ -165,11 +164,8 @@ impl TransformerConfig {
                 .init(device),
             blocks,
             norm: norm(),
-            lm_head: (!self.tie_embeddings).then(|| {
-                LinearConfig::new(self.d_model, self.vocab_size)
-                    .with_bias(false)
-                    .init(device)
-            }),
+            lm_head: (!self.tie_embeddings)
+                .then(|| LinearConfig::new(self.d_model, self.vocab_size).with_bias(false).init(device)),
             rope: RotaryEncodingConfig::new(self.max_seq_len, self.d_model / self.num_heads)
                 .with_theta(self.rope_theta)
                 .init(device),
@@ -189,15 +185,28 @@ impl Transformer {
 
     /// Like [`forward`](Self::forward), continuing from the positions held in `cache` (and
     /// appending the new ones to it) when one is given.
-    pub fn forward_cached(&self, tokens: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> ModelOutput {
+    pub fn forward_cached(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> ModelOutput {
+        self.forward_impl(tokens, cache, None)
+    }
+
+    /// Like [`forward`](Self::forward), with every PEER block's experts computed for row-sparse
+    /// training and recorded on `tape` (see [`ExpertTape`]); finish with
+    /// [`ExpertTape::backward`] on the loss. The residual stream and the auxiliary loss are cut
+    /// after each taped block.
+    pub fn forward_taped(&self, tokens: Tensor<2, Int>, tape: &mut ExpertTape) -> ModelOutput {
+        self.forward_impl(tokens, None, Some(tape))
+    }
+
+    fn forward_impl(
+        &self,
+        tokens: Tensor<2, Int>,
+        mut cache: Option<&mut KvCache>,
+        mut tape: Option<&mut ExpertTape>,
+    ) -> ModelOutput {
         let [_, seq] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let max = self.max_seq_len();
-        assert!(
-            start + seq <= max,
-            "sequence of {} positions exceeds max_seq_len = {max}",
-            start + seq
-        );
+        assert!(start + seq <= max, "sequence of {} positions exceeds max_seq_len = {max}", start + seq);
         let device = tokens.device();
         let mut x = self.embedding.forward(tokens);
         let mut aux_loss = Tensor::<1>::zeros([1], &device);
@@ -205,17 +214,21 @@ impl Transformer {
         for (index, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer(index));
             x = x.clone() + block.attention.forward(block.attention_norm.forward(x), &self.rope, slot);
-            let ffw = block.feed_forward.forward(block.feed_forward_norm.forward(x.clone()));
+            let taped = tape.as_deref_mut().filter(|_| matches!(block.feed_forward, FeedForward::Peer(_)));
+            let cut = taped.is_some();
+            let ffw = block.feed_forward.forward(block.feed_forward_norm.forward(x.clone()), taped);
+            if cut {
+                // Tensors that continue past a taped block leave its graph segment as leaves.
+                let tape = tape.as_deref_mut().expect("taped block");
+                x = tape.cut(x);
+                aux_loss = tape.cut(aux_loss.reshape([1, 1, 1])).reshape([1]);
+            }
             x = x + ffw.output;
             if let Some(aux) = ffw.aux_loss {
                 aux_loss = aux_loss + aux;
             }
             if let Some(routing) = ffw.routing {
-                routings.push(BlockRouting {
-                    block: index,
-                    num_experts: block.num_experts(),
-                    routing,
-                });
+                routings.push(BlockRouting { block: index, num_experts: block.num_experts(), routing });
             }
         }
         let x = self.norm.forward(x);
@@ -232,13 +245,31 @@ impl Transformer {
     /// # Shapes
     /// - `inputs`, `targets`: `[batch, seq]`
     pub fn loss(&self, inputs: Tensor<2, Int>, targets: Tensor<2, Int>) -> (Tensor<1>, Tensor<1>, ModelOutput) {
+        self.loss_impl(inputs, targets, None)
+    }
+
+    /// [`loss`](Self::loss) through [`forward_taped`](Self::forward_taped).
+    pub fn loss_taped(
+        &self,
+        inputs: Tensor<2, Int>,
+        targets: Tensor<2, Int>,
+        tape: &mut ExpertTape,
+    ) -> (Tensor<1>, Tensor<1>, ModelOutput) {
+        self.loss_impl(inputs, targets, Some(tape))
+    }
+
+    fn loss_impl(
+        &self,
+        inputs: Tensor<2, Int>,
+        targets: Tensor<2, Int>,
+        tape: Option<&mut ExpertTape>,
+    ) -> (Tensor<1>, Tensor<1>, ModelOutput) {
         let [batch, seq] = targets.dims();
-        let output = self.forward(inputs);
+        let output = self.forward_impl(inputs, None, tape);
         let vocab = self.vocab_size();
         let logits = output.logits.clone().reshape([batch * seq, vocab]);
-        let cross_entropy = CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits, targets.reshape([batch * seq]));
+        let cross_entropy =
+            CrossEntropyLossConfig::new().init(&logits.device()).forward(logits, targets.reshape([batch * seq]));
         (cross_entropy.clone() + output.aux_loss.clone(), cross_entropy, output)
     }
 

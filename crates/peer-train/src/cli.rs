@@ -10,6 +10,7 @@ use peer_model::checkpoint::{load_config, load_model};
 
 use crate::corpus::{Corpus, bundled_corpus};
 use crate::error::TrainError;
+use crate::learner::ExpertUpdates;
 use crate::tokenizer::TextTokenizer;
 use crate::training::{PreparedData, TrainOptions, TrainingConfig, evaluate, load_training_config, train};
 
@@ -36,6 +37,15 @@ enum Command {
     Info(InfoArgs),
 }
 
+/// `--expert-updates`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ExpertUpdatesArg {
+    /// Only the rows retrieved in a step (lazy AdamW).
+    Sparse,
+    /// Every row (autodiff + AdamW).
+    Dense,
+}
+
 /// Where tensors live.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -58,7 +68,8 @@ impl DeviceChoice {
             Self::Ndarray => Ok(Device::ndarray()),
             Self::Wgpu => Ok(Device::wgpu(DeviceKind::DefaultDevice)),
             Self::Cuda => Err(TrainError::Device(
-                "device `cuda` is not compiled into this build (Burn's `cuda` feature); available: flex, ndarray, wgpu".into(),
+                "device `cuda` is not compiled into this build (Burn's `cuda` feature); available: flex, ndarray, wgpu"
+                    .into(),
             )),
         }
     }
@@ -105,6 +116,10 @@ struct TrainArgs {
     /// Override: seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Override: how PEER expert tables are trained (`sparse`: only the retrieved rows, lazy
+    /// AdamW; `dense`: autodiff and AdamW over every row).
+    #[arg(long, value_enum)]
+    expert_updates: Option<ExpertUpdatesArg>,
     /// Prompt of the sample printed after training.
     #[arg(long, default_value = "In the beginning")]
     prompt: String,
@@ -168,9 +183,7 @@ struct InfoArgs {
 
 /// Parses the arguments and runs the command; errors are one line for the user.
 pub fn run(cli: Cli) -> Result<(), TrainError> {
-    match cli.command.unwrap_or_else(|| {
-        Command::Train(TrainArgs::parse_from(["train"]))
-    }) {
+    match cli.command.unwrap_or_else(|| Command::Train(TrainArgs::parse_from(["train"]))) {
         Command::Train(args) => run_train(args),
         Command::Eval(args) => run_eval(args),
         Command::Generate(args) => run_generate(args),
@@ -204,11 +217,27 @@ fn run_train(args: TrainArgs) -> Result<(), TrainError> {
         Some(path) => load_training_config(path)?,
         None => TrainingConfig::small_peer(),
     };
-    if let Some(v) = args.epochs { config.epochs = v; }
-    if let Some(v) = args.steps_per_epoch { config.steps_per_epoch = v; }
-    if let Some(v) = args.batch_size { config.batch_size = v; }
-    if let Some(v) = args.vocab_size { config.vocab_size = v; }
-    if let Some(v) = args.seed { config.seed = v; }
+    if let Some(v) = args.epochs {
+        config.epochs = v;
+    }
+    if let Some(v) = args.steps_per_epoch {
+        config.steps_per_epoch = v;
+    }
+    if let Some(v) = args.batch_size {
+        config.batch_size = v;
+    }
+    if let Some(v) = args.vocab_size {
+        config.vocab_size = v;
+    }
+    if let Some(v) = args.seed {
+        config.seed = v;
+    }
+    if let Some(v) = args.expert_updates {
+        config.expert_updates = match v {
+            ExpertUpdatesArg::Sparse => ExpertUpdates::Sparse,
+            ExpertUpdatesArg::Dense => ExpertUpdates::Dense,
+        };
+    }
     let device = args.data.device.device()?;
     let (corpus, tokenizer) = load_data(&args.data, config.vocab_size)?;
     println!(
@@ -256,11 +285,7 @@ fn print_evaluation(e: &crate::training::Evaluation) {
         e.tokens
     );
     for (block, usage, unevenness) in &e.expert_usage {
-        println!(
-            "block {block}: expert usage {:.1}%, unevenness {:.3} nats",
-            100.0 * usage,
-            unevenness
-        );
+        println!("block {block}: expert usage {:.1}%, unevenness {:.3} nats", 100.0 * usage, unevenness);
     }
 }
 
@@ -281,7 +306,10 @@ fn print_sample(
 fn checkpoint_tokenizer(checkpoint: &Path, given: Option<&PathBuf>) -> Result<TextTokenizer, TrainError> {
     let meta = peer_model::checkpoint::load_meta(checkpoint)?;
     let path = given.cloned().or_else(|| meta.tokenizer.as_ref().and_then(|t| t.path.clone())).ok_or_else(|| {
-        TrainError::Tokenizer { path: checkpoint.to_path_buf(), reason: "the checkpoint names no tokenizer: pass --tokenizer".into() }
+        TrainError::Tokenizer {
+            path: checkpoint.to_path_buf(),
+            reason: "the checkpoint names no tokenizer: pass --tokenizer".into(),
+        }
     })?;
     let tokenizer = TextTokenizer::from_file(&path)?;
     tokenizer.check_matches(&meta, checkpoint)?;
@@ -295,7 +323,8 @@ fn run_eval(args: EvalArgs) -> Result<(), TrainError> {
     let tokenizer = checkpoint_tokenizer(&args.checkpoint, args.data.tokenizer.as_ref())?;
     let (config, model, _) = load_model(&args.checkpoint, &device)?;
     let data = PreparedData::new(&corpus, &tokenizer, config.max_seq_len)?;
-    let evaluation = evaluate(&model, &data, config.max_seq_len, args.batch_size.max(1), args.max_windows.max(1), &device)?;
+    let evaluation =
+        evaluate(&model, &data, config.max_seq_len, args.batch_size.max(1), args.max_windows.max(1), &device)?;
     print_evaluation(&evaluation);
     Ok(())
 }

@@ -11,14 +11,8 @@ pub fn bundled_corpus() -> PathBuf {
 }
 
 /// Books of the bundled corpus held out for validation: one per part of the collection.
-pub const VALIDATION_BOOKS: [&str; 6] = [
-    "08-ruth.txt",
-    "21-ecclesiastes.txt",
-    "29-joel.txt",
-    "40-tobit.txt",
-    "55-mark.txt",
-    "62-galatians.txt",
-];
+pub const VALIDATION_BOOKS: [&str; 6] =
+    ["08-ruth.txt", "21-ecclesiastes.txt", "29-joel.txt", "40-tobit.txt", "55-mark.txt", "62-galatians.txt"];
 
 /// A corpus split into training and validation text.
 #[derive(Debug, Clone)]
@@ -74,11 +68,7 @@ impl Corpus {
             let mut train = Vec::new();
             let mut validation = Vec::new();
             for (index, (name, text)) in documents.into_iter().enumerate() {
-                let held_out = if named {
-                    VALIDATION_BOOKS.contains(&name.as_str())
-                } else {
-                    (index + 1) % 10 == 0
-                };
+                let held_out = if named { VALIDATION_BOOKS.contains(&name.as_str()) } else { (index + 1) % 10 == 0 };
                 if held_out { validation.push(text) } else { train.push(text) }
             }
             if validation.is_empty() {

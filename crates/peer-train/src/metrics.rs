@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use burn::tensor::{ExecutionError, Int, Tensor, TensorReadError};
 use burn::train::metric::{
-    Adaptor, LossInput, Metric, MetricAttributes, MetricMetadata, MetricName, Numeric,
-    NumericAttributes, NumericEntry, PerplexityInput, SerializedEntry,
+    Adaptor, LossInput, Metric, MetricAttributes, MetricMetadata, MetricName, Numeric, NumericAttributes, NumericEntry,
+    PerplexityInput, SerializedEntry,
 };
 use burn::train::{Interrupter, ItemLazy};
 use peer_core::ExpertUsage;

@@ -36,10 +36,7 @@ impl TextTokenizer {
     /// Loads a Hugging Face `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self, TrainError> {
         if !path.exists() {
-            return Err(TrainError::Tokenizer {
-                path: path.to_path_buf(),
-                reason: "file does not exist".into(),
-            });
+            return Err(TrainError::Tokenizer { path: path.to_path_buf(), reason: "file does not exist".into() });
         }
         let bytes = std::fs::read(path).map_err(io("read", path))?;
         let inner = Tokenizer::from_bytes(&bytes).map_err(|e| TrainError::Tokenizer {
@@ -65,10 +62,8 @@ impl TextTokenizer {
             return Self::from_file(&path);
         }
         std::fs::create_dir_all(&cache).map_err(io("create", &cache))?;
-        let json = train_bpe(&corpus.train, vocab_size).map_err(|reason| TrainError::Tokenizer {
-            path: path.clone(),
-            reason,
-        })?;
+        let json = train_bpe(&corpus.train, vocab_size)
+            .map_err(|reason| TrainError::Tokenizer { path: path.clone(), reason })?;
         write_atomic(&path, json.as_bytes())?;
         Self::from_file(&path)
     }
@@ -97,9 +92,7 @@ impl TextTokenizer {
 
     /// The text of `ids`.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TrainError> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| self.error(format!("cannot decode: {e}")))
+        self.inner.decode(ids, false).map_err(|e| self.error(format!("cannot decode: {e}")))
     }
 
     /// What a checkpoint records about this tokenizer.
@@ -152,9 +145,7 @@ fn train_bpe(documents: &[String], vocab_size: usize) -> Result<String, String> 
         .with_decoder(Some(ByteLevel::default()))
         .build()
         .map_err(|e| e.to_string())?;
-    tokenizer
-        .train(&mut trainer, documents.iter().flat_map(|d| d.lines()))
-        .map_err(|e| e.to_string())?;
+    tokenizer.train(&mut trainer, documents.iter().flat_map(|d| d.lines())).map_err(|e| e.to_string())?;
     tokenizer.to_string(false).map_err(|e| e.to_string())
 }
 

@@ -8,13 +8,13 @@ use burn::config::Config;
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::data::dataset::transform::{SamplerDataset, SamplerDatasetOptions};
 use burn::module::{Module, ParamGroup};
+use burn::optim::AdamWConfig;
+use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::lr_scheduler::LrSchedulerConfig;
 use burn::optim::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
 use burn::optim::lr_scheduler::linear::LinearLrSchedulerConfig;
 use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrSchedulerConfig;
 use burn::optim::lr_scheduler::sequential::SequentialLrSchedulerConfig;
-use burn::optim::AdamWConfig;
-use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::tensor::Device;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::{LearningRateMetric, LossMetric, PerplexityMetric};
@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::corpus::Corpus;
 use crate::data::{LmBatcher, TokenWindows};
 use crate::error::{TrainError, io};
-use crate::learner::{AtomicFileCheckpointer, LanguageModel, last_complete_checkpoint};
+use crate::learner::{AtomicFileCheckpointer, ExpertUpdates, LanguageModel, last_complete_checkpoint};
 use crate::metrics::{ExpertUsageMetric, LossGuard, RoutingStatistic, TokensPerSecondMetric, accumulate_usage};
 use crate::renderer::LineRenderer;
 use crate::tokenizer::TextTokenizer;
@@ -75,6 +75,11 @@ pub struct TrainingConfig {
     /// Data-loading threads.
     #[config(default = 1)]
     pub num_workers: usize,
+    /// How PEER expert tables are trained: `Sparse` (only retrieved rows; lazy AdamW) or
+    /// `Dense` (autodiff + AdamW over every row).
+    /// Optional in a configuration file (default `Sparse`).
+    #[config(default = "ExpertUpdates::Sparse")]
+    pub expert_updates: ExpertUpdates,
 }
 
 impl TrainingConfig {
@@ -88,8 +93,8 @@ impl TrainingConfig {
             .with_top_k(8)
             .with_key_dim(64)
             .with_query_norm(QueryNorm::BatchNorm);
-        let model = TransformerConfig::dense(2048, d_model, 4, 4, 128, 512)
-            .with_middle_block(FeedForwardConfig::Peer(peer));
+        let model =
+            TransformerConfig::dense(2048, d_model, 4, 4, 128, 512).with_middle_block(FeedForwardConfig::Peer(peer));
         Self::new(model)
     }
 
@@ -211,8 +216,7 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
     let run_file = artifact_dir.join("run.json");
 
     let resume_epoch = if resume {
-        let text = std::fs::read_to_string(&run_file)
-            .map_err(|_| TrainError::NothingToResume(artifact_dir.clone()))?;
+        let text = std::fs::read_to_string(&run_file).map_err(|_| TrainError::NothingToResume(artifact_dir.clone()))?;
         let record: RunRecord = serde_json::from_str(&text).map_err(|e| TrainError::ConfigFile {
             path: run_file.clone(),
             what: "run record",
@@ -226,7 +230,10 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
             what: "training configuration",
             reason: e.to_string(),
         })?;
-        Some(last_complete_checkpoint(&checkpoint_dir).ok_or_else(|| TrainError::NothingToResume(artifact_dir.clone()))?)
+        Some(
+            last_complete_checkpoint(&checkpoint_dir)
+                .ok_or_else(|| TrainError::NothingToResume(artifact_dir.clone()))?,
+        )
     } else {
         if checkpoint_dir.exists() {
             std::fs::remove_dir_all(&checkpoint_dir).map_err(io("remove", &checkpoint_dir))?;
@@ -259,21 +266,17 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
 
     let train_device = device.clone().autodiff();
     train_device.seed(config.seed);
-    let model = LanguageModel { transformer: config.model.init(&train_device) };
+    let model = LanguageModel::new(config.model.init(&train_device), config.expert_updates, config.grad_clip_norm);
     let has_experts = has_routed_blocks(&config.model);
 
     // Expert tables: their own AdamW (no weight decay) and their own learning rate.
-    let experts = ParamGroup::from_regex(r"(experts\.(down|up)|\.values)$").expect("valid regex");
+    let experts = ParamGroup::from_regex(r"(experts\.(down|up)(\.[0-9]+)?|\.values)$").expect("valid regex");
     let clip = Some(GradientClippingConfig::Norm(config.grad_clip_norm as f32));
     let optim = AdamWConfig::new()
         .with_weight_decay(config.weight_decay as f32)
         .with_grad_clipping(clip.clone())
         .init()
-        .with_group(
-            experts.clone(),
-            AdamWConfig::new().with_weight_decay(0.0).build(),
-            clip.map(|c| c.init()),
-        );
+        .with_group(experts.clone(), AdamWConfig::new().with_weight_decay(0.0).build(), clip.map(|c| c.init()));
     let warmup = config.effective_warmup();
     let schedule = |peak: f64| {
         LrSchedulerConfig::Sequential(SequentialLrSchedulerConfig::new(
@@ -352,7 +355,8 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
 
 /// Whether any block retrieves experts (PEER or PKM), i.e. has routing statistics to report.
 fn has_routed_blocks(config: &TransformerConfig) -> bool {
-    (0..config.num_layers).any(|b| matches!(config.feed_forward_of(b), FeedForwardConfig::Peer(_) | FeedForwardConfig::Pkm(_)))
+    (0..config.num_layers)
+        .any(|b| matches!(config.feed_forward_of(b), FeedForwardConfig::Peer(_) | FeedForwardConfig::Pkm(_)))
 }
 
 /// Validation results.
@@ -418,13 +422,23 @@ pub fn unigram_perplexity(train: &[u32], evaluated: &[u32], vocab_size: usize) -
 /// Reads a [`TrainingConfig`] from a JSON file, naming the file and the problem.
 pub fn load_training_config(path: &Path) -> Result<TrainingConfig, TrainError> {
     if !path.exists() {
-        return Err(TrainError::ConfigFile { path: path.to_path_buf(), what: "training configuration", reason: "file does not exist".into() });
+        return Err(TrainError::ConfigFile {
+            path: path.to_path_buf(),
+            what: "training configuration",
+            reason: "file does not exist".into(),
+        });
     }
     let text = std::fs::read_to_string(path).map_err(io("read", path))?;
-    serde_json::from_str(&text).map_err(|e| TrainError::ConfigFile {
+    let invalid = |e: serde_json::Error| TrainError::ConfigFile {
         path: path.to_path_buf(),
         what: "training configuration",
         reason: e.to_string(),
-    })
+    };
+    let mut value: serde_json::Value = serde_json::from_str(&text).map_err(invalid)?;
+    // Burn's `Config` derive requires every field in JSON; fields added after a file was
+    // written (run.json of an older run, hand-written configs) take their documented default.
+    if let Some(fields) = value.as_object_mut() {
+        fields.entry("expert_updates").or_insert_with(|| serde_json::json!(ExpertUpdates::default()));
+    }
+    serde_json::from_value(value).map_err(invalid)
 }
-

@@ -11,10 +11,8 @@ use super::reference::{Rng, host, host_int, randomize_weights, relative_error, t
 pub fn wgpu_device() -> Option<Device> {
     let device = Device::wgpu(DeviceKind::DefaultDevice);
     let probe = device.clone();
-    let works = std::panic::catch_unwind(move || {
-        Tensor::<1>::ones([4], &probe).sum().into_scalar::<f32>() == 4.0
-    })
-    .unwrap_or(false);
+    let works = std::panic::catch_unwind(move || Tensor::<1>::ones([4], &probe).sum().into_scalar::<f32>() == 4.0)
+        .unwrap_or(false);
     if works {
         return Some(device);
     }
@@ -57,19 +55,13 @@ fn run(peer: &Peer, x: &[f32], r: &[f32], shape: [usize; 3], device: &Device) ->
     if let Some(bn) = &peer.query.batch_norm {
         all.push(("batch_norm.gamma", host(&bn.gamma.grad(&grads).expect("gamma"))));
     }
-    Outcome {
-        output: host(&y),
-        ids: host_int(&routing.expert_ids),
-        grads: all,
-    }
+    Outcome { output: host(&y), ids: host_int(&routing.expert_ids), grads: all }
 }
 
 #[test]
 fn backends_agree_on_outputs_and_gradients() {
     let devices = devices();
-    for (case, (norm, shared)) in [(QueryNorm::BatchNorm, true), (QueryNorm::LayerNorm, false)]
-        .into_iter()
-        .enumerate()
+    for (case, (norm, shared)) in [(QueryNorm::BatchNorm, true), (QueryNorm::LayerNorm, false)].into_iter().enumerate()
     {
         let config = PeerConfig::new(16, 12 * 12)
             .with_heads(3)

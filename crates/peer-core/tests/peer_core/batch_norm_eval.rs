@@ -7,11 +7,8 @@ use peer_core::{PeerConfig, QueryNorm};
 use super::reference::{Rng, host, relative_error, tensor};
 
 fn outputs_alone_and_in_batch(device: &Device, eval: bool) -> (Vec<f64>, Vec<f64>) {
-    let config = PeerConfig::new(16, 8 * 8)
-        .with_heads(2)
-        .with_top_k(4)
-        .with_key_dim(8)
-        .with_query_norm(QueryNorm::BatchNorm);
+    let config =
+        PeerConfig::new(16, 8 * 8).with_heads(2).with_top_k(4).with_key_dim(8).with_query_norm(QueryNorm::BatchNorm);
     let mut peer = config.init(device);
     if eval {
         peer = peer.valid();

@@ -34,10 +34,7 @@ fn each_invalid_config_names_its_field_and_rule() {
         // init refuses with the same message, before any tensor is made.
         assert_eq!(config.try_init(&device).unwrap_err(), err);
         let panic = std::panic::catch_unwind(|| config.init(&device)).expect_err("init must refuse");
-        let text = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .unwrap_or_default();
+        let text = panic.downcast_ref::<String>().cloned().unwrap_or_default();
         assert_eq!(text, message);
         messages.insert(message);
     }

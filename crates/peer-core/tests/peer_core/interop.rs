@@ -61,7 +61,10 @@ fn peer_pytorch_loading_refuses_mismatches() {
     let err = load_peer_pytorch(config().with_query_norm(QueryNorm::BatchNorm).init(&device), &path).unwrap_err();
     assert!(err.to_string().contains("query_norm must be None"), "{err}");
     let err = load_peer_pytorch(PeerConfig { d_model: 32, ..config() }.init(&device), &path).unwrap_err();
-    assert!(err.to_string().contains("`to_queries.0.weight` has shape [16, 16], the Peer layer needs [16, 32]"), "{err}");
+    assert!(
+        err.to_string().contains("`to_queries.0.weight` has shape [16, 16], the Peer layer needs [16, 32]"),
+        "{err}"
+    );
     let err = load_peer_pytorch(config().init(&device), &path.with_extension("missing")).unwrap_err();
     assert!(err.to_string().contains("cannot read"), "{err}");
 }

@@ -4,8 +4,7 @@ use burn::tensor::Device;
 use peer_core::{Activation, Gate, PeerConfig, QueryNorm};
 
 use super::reference::{
-    NormMode, Rng, activate, dot, host, host_int, peer_reference, randomize_weights, relative_error,
-    tensor,
+    NormMode, Rng, activate, dot, host, host_int, peer_reference, randomize_weights, relative_error, tensor,
 };
 
 const D_MODEL: usize = 24;
@@ -92,9 +91,8 @@ fn top_1_equals_dense_mlp_of_retrieved_experts() {
             })
             .collect();
         for i in 0..D_MODEL {
-            expected[t * D_MODEL + i] = (0..heads)
-                .map(|h| up[ids[t * heads + h] as usize * D_MODEL + i] * hidden[h])
-                .sum();
+            expected[t * D_MODEL + i] =
+                (0..heads).map(|h| up[ids[t * heads + h] as usize * D_MODEL + i] * hidden[h]).sum();
         }
     }
     let err = relative_error(&y, &expected);

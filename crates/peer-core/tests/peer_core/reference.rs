@@ -3,7 +3,7 @@
 
 use burn::module::Param;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use peer_core::{Activation, Gate, Peer};
+use peer_core::{Activation, ExpertTable, Gate, Peer};
 
 /// SplitMix64: a deterministic source of test data, independent of any backend's RNG.
 pub struct Rng(u64);
@@ -59,6 +59,12 @@ pub fn set_param<const D: usize>(param: &mut Param<Tensor<D>>, values: Vec<f32>)
     });
 }
 
+/// Replaces an expert table's values (this handle only), keeping its id.
+pub fn set_table(table: &mut ExpertTable, values: Vec<f32>) {
+    let shape = table.dims();
+    table.set(tensor(values, shape, &table.val().device()));
+}
+
 /// Sets every weight of `peer` from `rng` (same scales as the layer's own initialisation), so a
 /// test's data is fixed by its seed alone.
 pub fn randomize_weights(peer: &mut Peer, rng: &mut Rng) {
@@ -72,8 +78,8 @@ pub fn randomize_weights(peer: &mut Peer, rng: &mut Rng) {
     set_param(&mut peer.product_keys.sub_keys, rng.normals(sets * two * root * half, 1.0 / (half as f64).sqrt()));
     let [experts, width] = peer.experts.down.dims();
     let std = 1.0 / (width as f64).sqrt();
-    set_param(&mut peer.experts.down, rng.normals(experts * width, std));
-    set_param(&mut peer.experts.up, rng.normals(experts * width, std));
+    set_table(&mut peer.experts.down, rng.normals(experts * width, std));
+    set_table(&mut peer.experts.up, rng.normals(experts * width, std));
     randomize_norms(peer, rng);
 }
 
@@ -105,10 +111,7 @@ pub fn randomize_norms(peer: &mut Peer, rng: &mut Rng) {
 pub fn relative_error(actual: &[f64], expected: &[f64]) -> f64 {
     assert_eq!(actual.len(), expected.len(), "lengths differ");
     let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-12);
-    let diff = actual
-        .iter()
-        .zip(expected)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    let diff = actual.iter().zip(expected).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
     diff / scale
 }
 
@@ -118,9 +121,8 @@ pub fn erf(x: f64) -> f64 {
     let sign = x.signum();
     let x = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * x);
-    let poly = t
-        * (0.254_829_592
-            + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let poly =
+        t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
     sign * (1.0 - poly * (-x * x).exp())
 }
 
@@ -142,12 +144,7 @@ pub struct HostKeys {
 impl HostKeys {
     pub fn read(sub_keys: &Tensor<4>) -> Self {
         let [key_sets, _, root, half] = sub_keys.dims();
-        Self {
-            values: host(sub_keys),
-            key_sets,
-            root,
-            half,
-        }
+        Self { values: host(sub_keys), key_sets, root, half }
     }
     fn sub_key(&self, set: usize, which: usize, index: usize) -> &[f64] {
         let start = ((set * 2 + which) * self.root + index) * self.half;
@@ -176,11 +173,7 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
 pub fn brute_force_top_k(scores: &[f64], k: usize) -> (Vec<usize>, f64) {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    let gap = if k < scores.len() {
-        scores[order[k - 1]] - scores[order[k]]
-    } else {
-        f64::INFINITY
-    };
+    let gap = if k < scores.len() { scores[order[k - 1]] - scores[order[k]] } else { f64::INFINITY };
     order.truncate(k);
     (order, gap)
 }
@@ -196,13 +189,7 @@ pub enum NormMode {
 
 /// The PEER layer evaluated token by token in f64 from the module's own weights.
 /// Returns `(outputs [tokens × d_model], smallest top-k gap seen)`.
-pub fn peer_reference(
-    peer: &Peer,
-    norm_epsilon: f64,
-    x: &[f64],
-    tokens: usize,
-    mode: NormMode,
-) -> (Vec<f64>, f64) {
+pub fn peer_reference(peer: &Peer, norm_epsilon: f64, x: &[f64], tokens: usize, mode: NormMode) -> (Vec<f64>, f64) {
     let d_model = peer.query.linear.weight.dims()[0];
     let heads = peer.product_keys.heads;
     let k = peer.product_keys.top_k;
@@ -233,10 +220,8 @@ pub fn peer_reference(
                 let mut var = vec![0.0; features];
                 for f in 0..features {
                     mean[f] = (0..tokens).map(|t| queries[t * features + f]).sum::<f64>() / tokens as f64;
-                    var[f] = (0..tokens)
-                        .map(|t| (queries[t * features + f] - mean[f]).powi(2))
-                        .sum::<f64>()
-                        / tokens as f64;
+                    var[f] =
+                        (0..tokens).map(|t| (queries[t * features + f] - mean[f]).powi(2)).sum::<f64>() / tokens as f64;
                 }
                 (mean, var)
             }

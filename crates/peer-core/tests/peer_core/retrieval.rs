@@ -24,9 +24,7 @@ fn retrieval_equals_brute_force_top_k() {
         let shared = rng.uniform() < 0.5;
         let tokens = rng.range(1, 7);
         let device = if case % 2 == 0 { Device::flex() } else { Device::flex().autodiff() };
-        let keys = ProductKeysConfig::new(root * root, key_dim, k, heads)
-            .with_shared(shared)
-            .init(&device);
+        let keys = ProductKeysConfig::new(root * root, key_dim, k, heads).with_shared(shared).init(&device);
         let queries = rng.normals(tokens * heads * key_dim, 1.0);
         let query_values: Vec<f64> = queries.iter().map(|&q| q as f64).collect();
         let (scores, ids) = keys.retrieve(tensor(queries, [tokens, heads, key_dim], &device));
@@ -59,7 +57,8 @@ fn retrieval_equals_brute_force_top_k() {
                 let got: BTreeSet<usize> = got_ids.iter().map(|&i| i as usize).collect();
                 let want: BTreeSet<usize> = expected.into_iter().collect();
                 assert_eq!(
-                    got, want,
+                    got,
+                    want,
                     "case {case}: N = {}, k = {k}, heads = {heads}, shared = {shared}, token {t}, head {h}",
                     root * root
                 );

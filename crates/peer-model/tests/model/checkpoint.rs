@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use burn::module::Module;
 use burn::tensor::Device;
 use peer_model::checkpoint::{
-    CONFIG_FILE, CheckpointError, CheckpointMeta, META_FILE, WEIGHTS_FILE, export_safetensors,
-    import_safetensors, load_model, save_model,
+    CONFIG_FILE, CheckpointError, CheckpointMeta, META_FILE, WEIGHTS_FILE, export_safetensors, import_safetensors,
+    load_model, save_model,
 };
 
 use super::helpers::{host, kinds, tiny, tokens};
@@ -35,7 +35,8 @@ fn save_then_load_reproduces_logits_exactly() {
         let b = host(&loaded.valid().forward(input.clone()).logits);
         assert_eq!(a, b, "{}", config.feed_forward.kind());
         // No temporary files are left behind.
-        let names: Vec<String> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let names: Vec<String> =
+            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
         fs::remove_dir_all(&dir).unwrap();
     }

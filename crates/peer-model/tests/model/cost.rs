@@ -94,8 +94,8 @@ fn flop_matching_sizes_each_kind_within_5_percent() {
         assert!((layer / original - 1.0).abs() < 0.05, "{}: layer {layer} vs {original}", template.kind());
     }
     // A target below a layer's fixed cost is refused with a message.
-    let tiny = TransformerConfig::dense(100, 256, 2, 4, 16, 1).with_middle_block(FeedForwardConfig::Dense(DenseFfwConfig::new(256, 1)));
+    let tiny = TransformerConfig::dense(100, 256, 2, 4, 16, 1)
+        .with_middle_block(FeedForwardConfig::Dense(DenseFfwConfig::new(256, 1)));
     let err = tiny.flop_matched(&FeedForwardConfig::Peer(PeerConfig::new(256, 1024 * 1024))).unwrap_err();
     assert!(err.to_string().contains("cannot be sized down"), "{err}");
 }
-

@@ -19,7 +19,8 @@ fn cached_decoding_equals_full_recomputation() {
 
         // Prefill 4 tokens, then one at a time.
         let mut cache = KvCache::new(model.num_layers());
-        let mut cached = host(&model.forward_cached(tokens(vec![sequence[..4].to_vec()], &device), Some(&mut cache)).logits);
+        let mut cached =
+            host(&model.forward_cached(tokens(vec![sequence[..4].to_vec()], &device), Some(&mut cache)).logits);
         for &t in &sequence[4..] {
             let step = model.forward_cached(tokens(vec![vec![t]], &device), Some(&mut cache)).logits;
             cached.extend(host(&step));
@@ -46,7 +47,10 @@ fn a_fixed_seed_gives_the_same_text() {
     let other = model.generate(&[1, 2, 3], 12, &sampling.clone().with_seed(8)).unwrap();
     assert_ne!(a, other, "different seeds should differ at temperature 1.5");
     let greedy = SamplingConfig::new().with_greedy(true);
-    assert_eq!(model.generate(&[4], 6, &greedy).unwrap(), model.generate(&[4], 6, &greedy.clone().with_seed(99)).unwrap());
+    assert_eq!(
+        model.generate(&[4], 6, &greedy).unwrap(),
+        model.generate(&[4], 6, &greedy.clone().with_seed(99)).unwrap()
+    );
 }
 
 #[test]
@@ -54,12 +58,17 @@ fn sampling_options_are_validated() {
     let device = Device::flex();
     let model = tiny(kinds().remove(0)).init(&device);
     let err = |s: SamplingConfig| model.generate(&[1], 2, &s).unwrap_err().to_string();
-    assert!(err(SamplingConfig::new().with_temperature(0.0)).contains("`temperature` must be finite and greater than 0"));
+    assert!(
+        err(SamplingConfig::new().with_temperature(0.0)).contains("`temperature` must be finite and greater than 0")
+    );
     assert!(err(SamplingConfig::new().with_temperature(f64::NAN)).contains("`temperature`"));
     assert!(err(SamplingConfig::new().with_top_p(Some(0.0))).contains("`top_p` must lie in (0, 1]"));
     assert!(err(SamplingConfig::new().with_top_p(Some(1.5))).contains("`top_p` must lie in (0, 1]"));
     assert!(err(SamplingConfig::new().with_top_k(Some(0))).contains("`top_k` must be at least 1"));
     assert!(matches!(model.generate(&[], 2, &SamplingConfig::new()), Err(GenerateError::EmptyPrompt)));
     assert!(matches!(model.generate(&[1], 40, &SamplingConfig::new()), Err(GenerateError::TooLong { .. })));
-    assert!(matches!(model.generate(&[99], 2, &SamplingConfig::new()), Err(GenerateError::UnknownToken { token: 99, .. })));
+    assert!(matches!(
+        model.generate(&[99], 2, &SamplingConfig::new()),
+        Err(GenerateError::UnknownToken { token: 99, .. })
+    ));
 }

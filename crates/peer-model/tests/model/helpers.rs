@@ -11,9 +11,7 @@ pub fn kinds() -> Vec<FeedForwardConfig> {
         FeedForwardConfig::Dense(DenseFfwConfig::new(D_MODEL, 64)),
         FeedForwardConfig::Moe(MoeConfig::new(D_MODEL, 4, 32).with_top_k(2).with_routing(MoeRouting::TokenChoice)),
         FeedForwardConfig::Moe(MoeConfig::new(D_MODEL, 4, 32).with_routing(MoeRouting::ExpertChoice)),
-        FeedForwardConfig::Pkm(
-            PkmConfig::new(D_MODEL, 16 * 16).with_heads(2).with_top_k(4).with_key_dim(16),
-        ),
+        FeedForwardConfig::Pkm(PkmConfig::new(D_MODEL, 16 * 16).with_heads(2).with_top_k(4).with_key_dim(16)),
         FeedForwardConfig::Peer(
             PeerConfig::new(D_MODEL, 16 * 16)
                 .with_heads(2)

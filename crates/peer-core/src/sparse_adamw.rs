@@ -1,0 +1,118 @@
+//! Lazy AdamW for the expert tables: a step reads and writes only the rows it retrieved.
+//!
+//! The rule (Burn's `AdamW` restricted to touched rows; PyTorch's `SparseAdam` with
+//! decoupled weight decay). Let t count this layer's optimizer steps (every step, touched or
+//! not), g_r the summed gradient of row r in this step, after clipping:
+//!
+//! - gradient clipping (optional): all row gradients of a table are scaled by
+//!   `min(1, c / (‖g‖₂ + tiny))`, the norm taken over the table — equal to the norm of the
+//!   dense gradient, whose other rows are zero (Burn's `GradientClipping::Norm`);
+//! - for each touched row r: `m_r ← β₁ m_r + (1−β₁) g_r`, `v_r ← β₂ v_r + (1−β₂) g_r²`,
+//!   `θ_r ← θ_r (1 − lr λ) − lr · (m_r / (1−β₁ᵗ)) / (√(v_r / (1−β₂ᵗ)) + ε)`;
+//! - untouched rows: θ, m and v are left exactly as they are. Dense AdamW would instead decay
+//!   their moments, keep moving them with the decaying momentum, and apply weight decay.
+//!
+//! So from the same state, one step equals dense AdamW on the touched rows; over several
+//! steps they differ only through rows that were skipped in between. All of it is tensor ops
+//! (`select`, `select_assign`), in place on [`ExpertTable`]s, on any device.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::{Int, Tensor};
+
+use crate::experts::{Experts, RowGradients};
+use crate::table::ExpertTable;
+
+/// Hyper-parameters of the lazy AdamW (defaults as Burn's `AdamWConfig`, no weight decay).
+#[derive(Config, Debug)]
+pub struct SparseAdamWConfig {
+    /// β₁.
+    #[config(default = 0.9)]
+    pub beta_1: f32,
+    /// β₂.
+    #[config(default = 0.999)]
+    pub beta_2: f32,
+    /// ε.
+    #[config(default = 1e-5)]
+    pub epsilon: f32,
+    /// Decoupled weight decay λ, applied to touched rows only.
+    #[config(default = 0.0)]
+    pub weight_decay: f32,
+    /// Clip each table's gradient to this L2 norm.
+    #[config(default = "None")]
+    pub grad_clip_norm: Option<f32>,
+}
+
+/// The two moment tables of one expert table.
+#[derive(Module, Debug)]
+pub struct RowMoments {
+    /// m, `[N, d_model]`.
+    pub moment_1: ExpertTable,
+    /// v, `[N, d_model]`.
+    pub moment_2: ExpertTable,
+}
+
+/// Lazy AdamW state of one PEER layer: moments for both tables and the step count. A module,
+/// so it is saved and restored with a training checkpoint.
+#[derive(Module, Debug)]
+pub struct SparseAdamWState {
+    /// Moments of `experts.down`.
+    pub down: RowMoments,
+    /// Moments of `experts.up`.
+    pub up: RowMoments,
+    /// Steps taken, `[1]`.
+    pub step: Param<Tensor<1>>,
+}
+
+impl SparseAdamWState {
+    /// Steps taken so far.
+    pub fn steps(&self) -> usize {
+        self.step.val().into_scalar::<f32>() as usize
+    }
+}
+
+impl SparseAdamWConfig {
+    /// Zero moments for the tables of `experts`, on their device.
+    pub fn init_state(&self, experts: &Experts) -> SparseAdamWState {
+        let zeros = |table: &ExpertTable| RowMoments { moment_1: table.zeros_like(), moment_2: table.zeros_like() };
+        SparseAdamWState {
+            down: zeros(&experts.down),
+            up: zeros(&experts.up),
+            step: Param::from_tensor(Tensor::zeros([1], &experts.down.rows().device())),
+        }
+    }
+
+    /// One lazy AdamW step of both tables of `experts` with learning rate `lr`.
+    pub fn step(&self, lr: f64, experts: &Experts, state: SparseAdamWState, rows: &RowGradients) -> SparseAdamWState {
+        let step = state.steps() as i32 + 1;
+        self.update_table(lr, step, &experts.down, &state.down, &rows.ids, rows.down.clone());
+        self.update_table(lr, step, &experts.up, &state.up, &rows.ids, rows.up.clone());
+        SparseAdamWState { step: state.step.map(|s| s.add_scalar(1.0)), ..state }
+    }
+
+    fn update_table(
+        &self,
+        lr: f64,
+        step: i32,
+        table: &ExpertTable,
+        moments: &RowMoments,
+        ids: &Tensor<1, Int>,
+        grad: Tensor<2>,
+    ) {
+        let grad = match self.grad_clip_norm {
+            Some(threshold) => {
+                let norm = grad.clone().square().sum().sqrt();
+                let coefficient = (norm.add_scalar(f32::MIN_POSITIVE).recip() * threshold).clamp_max(1.0);
+                grad * coefficient.unsqueeze()
+            }
+            None => grad,
+        };
+        let moment_1 = moments.moment_1.update_rows(ids, |m| m * self.beta_1 + grad.clone() * (1.0 - self.beta_1));
+        let moment_2 = moments.moment_2.update_rows(ids, |v| v * self.beta_2 + grad.square() * (1.0 - self.beta_2));
+        let corrected_1 = moment_1 / (1.0 - self.beta_1.powi(step));
+        let corrected_2 = moment_2 / (1.0 - self.beta_2.powi(step));
+        let delta = corrected_1 / (corrected_2.sqrt() + self.epsilon);
+        let decay = 1.0 - lr * self.weight_decay as f64;
+        table.update_rows(ids, |theta| theta * decay - delta * lr);
+    }
+}

@@ -1,0 +1,335 @@
+//! An expert table that a row-sparse optimizer can update in place, stored in row blocks
+//! where one buffer cannot hold it.
+//!
+//! A `Param<Tensor<2>>` is copied whenever it is changed while another clone of the module
+//! holds it, and Burn's `Learner` always holds one (it optimizes a clone of its model). For a
+//! `[1024², 256]` table that is a fresh 1 GiB allocation per table per step, which costs more
+//! than the step itself. [`ExpertTable`] keeps its parameters behind a shared lock instead:
+//! clones of a module share the table, [`ExpertTable::update_rows`] writes the touched rows in
+//! place for all of them, and every `Module` transformation (`map`, `to_device`, `valid`,
+//! `fork`, `train`, loading a record) returns an unshared table, as a `Param` would.
+//!
+//! GPU backends cap one buffer (wgpu: a 128 MiB storage binding), and a `[1024², 256]` f32
+//! table is 1 GiB. On those devices a table larger than 64 MiB is split into row blocks of at
+//! most 64 MiB, each its own parameter (`experts.down.0`, `experts.down.1`, … in a record);
+//! gathers and row updates address the blocks through masks, so nothing above this module
+//! sees the split. CPU backends keep one block. Checkpoints of tables above 64 MiB therefore
+//! move between CPU and GPU devices only through a configuration with the same block size
+//! ([`PeerConfig::table_block_bytes`](crate::PeerConfig::table_block_bytes)).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use burn::module::{
+    Content, Devices, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor, Param, ParamId,
+};
+use burn::tensor::{Device, Gradients, IndexingUpdateOp, Int, Tensor};
+
+use crate::topk::is_cpu_backend;
+
+/// Largest row block on GPU backends.
+pub const GPU_BLOCK_BYTES: usize = 64 << 20;
+
+/// Rows per block for a `[rows, width]` f32 table on `device`: all of them on CPU backends
+/// unless `max_block_bytes` says otherwise, at most [`GPU_BLOCK_BYTES`] per block elsewhere.
+pub fn block_rows(rows: usize, width: usize, device: &Device, max_block_bytes: Option<usize>) -> usize {
+    let limit = match max_block_bytes {
+        Some(bytes) => bytes,
+        None if is_cpu_backend(device) => return rows.max(1),
+        None => GPU_BLOCK_BYTES,
+    };
+    (limit / (4 * width.max(1))).clamp(1, rows.max(1))
+}
+
+/// A `[rows, width]` trainable table (one `Param` per row block) whose rows can be rewritten
+/// in place.
+///
+/// Saved, loaded, visited and optimized like the `Param`s it wraps (same records, same ids).
+/// Clones share the value; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct ExpertTable {
+    blocks: Arc<Mutex<Option<Vec<Param<Tensor<2>>>>>>,
+}
+
+/// The blocks of a table as tensors, for gathering rows.
+#[derive(Debug, Clone)]
+pub struct TableRows {
+    blocks: Vec<Tensor<2>>,
+    rows_per_block: usize,
+}
+
+impl TableRows {
+    /// Rows `ids` of the table, `[ids, width]`. Differentiable when the blocks are tracked.
+    pub fn gather(&self, ids: Tensor<1, Int>) -> Tensor<2> {
+        if let [only] = &self.blocks[..] {
+            return only.clone().select(0, ids);
+        }
+        self.blocks
+            .iter()
+            .enumerate()
+            .map(|(b, block)| {
+                let (local, inside) = local_ids(&ids, b * self.rows_per_block, block.dims()[0]);
+                block.clone().select(0, local) * inside
+            })
+            .reduce(|a, b| a + b)
+            .expect("at least one block")
+    }
+
+    /// The device of the blocks.
+    pub fn device(&self) -> Device {
+        self.blocks[0].device()
+    }
+
+    /// The blocks without autodiff.
+    pub fn inner(self) -> Self {
+        Self { blocks: self.blocks.into_iter().map(|b| b.inner()).collect(), ..self }
+    }
+}
+
+impl ExpertTable {
+    /// A trainable table holding `tensor` as one block.
+    pub fn new(tensor: Tensor<2>) -> Self {
+        Self::from_params(vec![Param::from_tensor(tensor)])
+    }
+
+    /// A `[rows, width]` table in blocks of `block_rows` rows, block i made by `make([rows_i,
+    /// width])`.
+    pub fn from_fn(
+        rows: usize,
+        width: usize,
+        block_rows: usize,
+        mut make: impl FnMut([usize; 2]) -> Tensor<2>,
+    ) -> Self {
+        let blocks = (0..rows)
+            .step_by(block_rows.max(1))
+            .map(|start| Param::from_tensor(make([block_rows.min(rows - start), width])))
+            .collect();
+        Self::from_params(blocks)
+    }
+
+    /// Wraps existing parameters (their ids are kept), one per row block.
+    fn from_params(blocks: Vec<Param<Tensor<2>>>) -> Self {
+        Self { blocks: Arc::new(Mutex::new(Some(blocks))) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Vec<Param<Tensor<2>>>>> {
+        // A panic while the lock was held cannot leave a half-written value behind: every
+        // writer swaps in complete blocks.
+        self.blocks.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&[Param<Tensor<2>>]) -> R) -> R {
+        f(self.lock().as_ref().expect("an ExpertTable always holds a value"))
+    }
+
+    /// The blocks' current values (on an autodiff device: the tracked leaves).
+    pub fn rows(&self) -> TableRows {
+        self.with(|blocks| TableRows {
+            rows_per_block: blocks[0].lazy_shape().dims::<2>()[0],
+            blocks: blocks.iter().map(|p| p.val()).collect(),
+        })
+    }
+
+    /// Number of row blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.with(|blocks| blocks.len())
+    }
+
+    /// The whole table as one tensor (blocks concatenated: for tests and small tables; on a
+    /// GPU a table above the buffer limit cannot be materialized).
+    pub fn val(&self) -> Tensor<2> {
+        let rows = self.rows();
+        if rows.blocks.len() == 1 {
+            return rows.blocks.into_iter().next().expect("one block");
+        }
+        Tensor::cat(rows.blocks, 0)
+    }
+
+    /// `[rows, width]`.
+    pub fn dims(&self) -> [usize; 2] {
+        self.with(|blocks| {
+            let dims: Vec<[usize; 2]> = blocks.iter().map(|p| p.lazy_shape().dims()).collect();
+            [dims.iter().map(|d| d[0]).sum(), dims[0][1]]
+        })
+    }
+
+    /// The id of the first block's parameter: identifies the table.
+    pub fn id(&self) -> ParamId {
+        self.with(|blocks| blocks[0].id)
+    }
+
+    /// The gradient of the whole table in `grads` (dense path), blocks concatenated.
+    pub fn grad(&self, grads: &Gradients) -> Option<Tensor<2>> {
+        let blocks: Option<Vec<Tensor<2>>> = self.rows().blocks.iter().map(|b| b.grad(grads)).collect();
+        blocks.map(|b| Tensor::cat(b, 0))
+    }
+
+    /// A table of zeros with the same block layout, on the same device.
+    pub fn zeros_like(&self) -> Self {
+        let blocks = self.rows().blocks;
+        let device = blocks[0].device();
+        Self::from_params(blocks.iter().map(|b| Param::from_tensor(Tensor::zeros(b.dims(), &device))).collect())
+    }
+
+    /// Replaces the value of this handle only (other clones keep the old table), keeping the
+    /// block layout, the parameter ids and whether they require a gradient. `tensor` may live
+    /// on the plain or the autodiff device.
+    pub fn set(&mut self, tensor: Tensor<2>) {
+        let tensor = tensor.inner();
+        let mut start = 0;
+        let blocks = self.with(|blocks| blocks.to_vec());
+        let blocks = blocks
+            .into_iter()
+            .map(|param| {
+                param.map(|old| {
+                    let rows = old.dims()[0];
+                    let fresh = tensor.clone().narrow(0, start, rows);
+                    start += rows;
+                    match (old.is_autodiff(), old.is_require_grad()) {
+                        (true, require_grad) => Tensor::from_inner(fresh).set_require_grad(require_grad),
+                        (false, _) => fresh,
+                    }
+                })
+            })
+            .collect();
+        *self = Self::from_params(blocks);
+    }
+
+    /// Replaces rows `ids` (distinct) by `f(their current values)` for every clone, in place
+    /// when no other handle to a block is alive, and returns the new rows. Tensor ops only;
+    /// the values `f` sees and returns have no autodiff.
+    pub fn update_rows(&self, ids: &Tensor<1, Int>, f: impl FnOnce(Tensor<2>) -> Tensor<2>) -> Tensor<2> {
+        let mut slot = self.lock();
+        let blocks = slot.take().expect("an ExpertTable always holds a value");
+        let view = TableRows {
+            rows_per_block: blocks[0].lazy_shape().dims::<2>()[0],
+            blocks: blocks.iter().map(|p| p.val().inner()).collect(),
+        };
+        let old = view.gather(ids.clone());
+        let new = f(old.clone());
+        // `Add` of the difference: the one select_assign mode every backend implements.
+        let delta = new.clone() - old;
+        let single = blocks.len() == 1;
+        let rows_per_block = view.rows_per_block;
+        drop(view);
+        *slot = Some(
+            blocks
+                .into_iter()
+                .enumerate()
+                .map(|(b, param)| {
+                    param.map(|tensor| {
+                        let autodiff = tensor.is_autodiff();
+                        let require_grad = tensor.is_require_grad();
+                        let value = tensor.inner();
+                        let rows = value.dims()[0];
+                        let value = if single {
+                            value.select_assign(0, ids.clone(), delta.clone(), IndexingUpdateOp::Add)
+                        } else {
+                            let (local, inside) = local_ids(ids, b * rows_per_block, rows);
+                            value.select_assign(0, local, delta.clone() * inside, IndexingUpdateOp::Add)
+                        };
+                        if autodiff { Tensor::from_inner(value).set_require_grad(require_grad) } else { value }
+                    })
+                })
+                .collect(),
+        );
+        new
+    }
+
+    /// The parameters, taken out if this handle is the only one, copied otherwise.
+    fn into_params(self) -> Vec<Param<Tensor<2>>> {
+        match Arc::try_unwrap(self.blocks) {
+            Ok(mutex) => mutex
+                .into_inner()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .expect("an ExpertTable always holds a value"),
+            Err(shared) => Self { blocks: shared }.with(|blocks| blocks.to_vec()),
+        }
+    }
+
+    fn map_blocks(self, f: impl FnMut(Param<Tensor<2>>) -> Param<Tensor<2>>) -> Self {
+        Self::from_params(self.into_params().into_iter().map(f).collect())
+    }
+}
+
+/// `ids` relative to a block starting at row `start` with `rows` rows, clamped into it, and a
+/// `[ids, 1]` 0/1 column: whether each id lies in the block.
+fn local_ids(ids: &Tensor<1, Int>, start: usize, rows: usize) -> (Tensor<1, Int>, Tensor<2>) {
+    let local = ids.clone() - start as i64;
+    let inside = local.clone().greater_equal_elem(0).bool_and(local.clone().lower_elem(rows as i64));
+    (local.clamp(0, rows as i64 - 1), inside.float().unsqueeze_dim(1))
+}
+
+impl Module for ExpertTable {
+    fn collect_devices(&self, devices: Devices) -> Devices {
+        self.with(|blocks| blocks.iter().fold(devices, |d, p| p.collect_devices(d)))
+    }
+
+    fn fork(self, device: &Device) -> Self {
+        self.map_blocks(|p| p.fork(device))
+    }
+
+    fn to_device(self, device: &Device) -> Self {
+        self.map_blocks(|p| p.to_device(device))
+    }
+
+    fn train(self) -> Self {
+        self.map_blocks(|p| p.train())
+    }
+
+    fn valid(&self) -> Self {
+        Self::from_params(self.with(|blocks| blocks.iter().map(|p| p.valid()).collect()))
+    }
+
+    fn materialize(self) -> Self {
+        self.map_blocks(|p| p.materialize())
+    }
+
+    fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
+        self.with(|blocks| {
+            if let [only] = blocks {
+                return only.visit(visitor);
+            }
+            for (index, block) in blocks.iter().enumerate() {
+                let name = index.to_string();
+                visitor.enter_module(&name, "Vec");
+                block.visit(visitor);
+                visitor.exit_module(&name, "Vec");
+            }
+        })
+    }
+
+    fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
+        let blocks = self.into_params();
+        if blocks.len() == 1 {
+            return Self::from_params(blocks.into_iter().map(|p| Module::map(p, mapper)).collect());
+        }
+        Self::from_params(
+            blocks
+                .into_iter()
+                .enumerate()
+                .map(|(index, block)| {
+                    let name = index.to_string();
+                    mapper.enter_module(&name, "Vec");
+                    let block = Module::map(block, mapper);
+                    mapper.exit_module(&name, "Vec");
+                    block
+                })
+                .collect(),
+        )
+    }
+}
+
+impl ModuleDisplayDefault for ExpertTable {
+    fn content(&self, content: Content) -> Option<Content> {
+        let [rows, width] = self.dims();
+        let blocks = self.num_blocks();
+        content.add_formatted(&format!("ExpertTable {{rows: {rows}, width: {width}, blocks: {blocks}}}")).optional()
+    }
+
+    fn num_params(&self) -> usize {
+        let [rows, width] = self.dims();
+        rows * width
+    }
+}
+
+impl ModuleDisplay for ExpertTable {}

@@ -1,0 +1,293 @@
+//! Row-sparse training: taped gradients against autodiff's dense ones, the lazy AdamW against
+//! Burn's AdamW and against a plain-Rust implementation of the documented rule.
+
+use burn::module::Module;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use peer_core::{ExpertTape, Peer, PeerConfig, QueryNorm, RowGradients, SparseAdamWConfig, touched_rows};
+
+use super::backends::wgpu_device;
+use super::reference::{Rng, host, host_int, randomize_weights, relative_error, tensor};
+
+const D_MODEL: usize = 12;
+
+fn layer(device: &Device, rng: &mut Rng) -> Peer {
+    layer_in_blocks(device, rng, None)
+}
+
+fn layer_in_blocks(device: &Device, rng: &mut Rng, block_bytes: Option<usize>) -> Peer {
+    let mut peer = PeerConfig::new(D_MODEL, 8 * 8)
+        .with_table_block_bytes(block_bytes)
+        .with_heads(3)
+        .with_top_k(4)
+        .with_key_dim(8)
+        .with_query_norm(QueryNorm::BatchNorm)
+        .init(device);
+    randomize_weights(&mut peer, rng);
+    peer
+}
+
+fn devices() -> Vec<(&'static str, Device)> {
+    let mut devices = vec![("flex", Device::flex())];
+    if let Some(wgpu) = wgpu_device() {
+        devices.push(("wgpu", wgpu));
+    }
+    devices
+}
+
+/// A loss that uses the layer output, the residual and a second use of the input.
+fn loss(x: Tensor<3>, y: Tensor<3>, weights: &Tensor<3>) -> Tensor<1> {
+    ((x.clone() + y) * weights.clone()).tanh().sum() + x.powi_scalar(2).sum() * 0.1
+}
+
+/// Every gradient through the tape equals autodiff's on the same computation: input, query
+/// network, sub-keys, BatchNorm, and the dense table gradients on the retrieved rows (zero
+/// elsewhere).
+#[test]
+fn taped_gradients_equal_autodiff() {
+    for (name, base) in devices() {
+        let device = base.autodiff();
+        let mut rng = Rng::new(7);
+        let peer = layer(&device, &mut rng);
+        let shape = [3, 5, D_MODEL];
+        let values = rng.normals(15 * D_MODEL, 1.0);
+        let weights = tensor(rng.normals(15 * D_MODEL, 1.0), shape, &device);
+
+        let x_dense = tensor(values.clone(), shape, &device).require_grad();
+        let (y, _) = peer.forward_with_routing(x_dense.clone());
+        let dense = loss(x_dense.clone(), y, &weights).backward();
+
+        let x_taped = tensor(values, shape, &device).require_grad();
+        let mut tape = ExpertTape::new();
+        let (y, routing) = peer.forward_taped(x_taped.clone(), &mut tape);
+        let residual = tape.cut(x_taped.clone());
+        let taped = tape.backward(loss(residual, y, &weights));
+
+        let close = |what: &str, a: Vec<f64>, b: Vec<f64>| {
+            let err = relative_error(&a, &b);
+            assert!(err < 1e-5, "{name}: {what}: relative error {err}");
+        };
+        close("dL/dx", host(&taped.grad(&x_taped).unwrap()), host(&x_dense.grad(&dense).unwrap()));
+        close(
+            "query weight",
+            host(&taped.grad(&peer.query.linear.weight.val()).unwrap()),
+            host(&peer.query.linear.weight.grad(&dense).unwrap()),
+        );
+        close(
+            "sub-keys",
+            host(&taped.grad(&peer.product_keys.sub_keys.val()).unwrap()),
+            host(&peer.product_keys.sub_keys.grad(&dense).unwrap()),
+        );
+        let bn = peer.query.batch_norm.as_ref().unwrap();
+        close("BatchNorm γ", host(&taped.grad(&bn.gamma.val()).unwrap()), host(&bn.gamma.grad(&dense).unwrap()));
+        assert!(taped.grad(&peer.experts.down.val()).is_none(), "{name}: taped tables must get no dense gradient");
+
+        let [table_rows] = &taped.rows[..] else { panic!("{name}: one layer taped") };
+        assert_eq!(table_rows.down, peer.experts.down.id());
+        let ids = host_int(&table_rows.rows.ids);
+        let retrieved: std::collections::BTreeSet<i64> = host_int(&routing.expert_ids).into_iter().collect();
+        assert_eq!(ids, retrieved.into_iter().collect::<Vec<_>>(), "{name}: rows = the retrieved experts");
+        for (table, rows) in [(&peer.experts.down, &table_rows.rows.down), (&peer.experts.up, &table_rows.rows.up)] {
+            let full = host(&table.grad(&dense).unwrap());
+            let rows = host(rows);
+            let mut expected = Vec::new();
+            for (row, _) in full.chunks(D_MODEL).enumerate().filter(|(row, _)| ids.contains(&(*row as i64))) {
+                expected.extend_from_slice(&full[row * D_MODEL..(row + 1) * D_MODEL]);
+            }
+            close("table rows", rows, expected);
+            let untouched: f64 = full
+                .chunks(D_MODEL)
+                .enumerate()
+                .filter(|(row, _)| !ids.contains(&(*row as i64)))
+                .flat_map(|(_, r)| r.iter().map(|v| v.abs()))
+                .sum();
+            assert_eq!(untouched, 0.0, "{name}: dense gradient outside the retrieved rows");
+        }
+    }
+}
+
+/// `touched_rows` against a sorted set, with the inverse map checked slot by slot (CPU
+/// `cumsum` and the GPU prefix sum).
+#[test]
+fn touched_rows_are_the_distinct_ids() {
+    for (name, device) in devices() {
+        let mut rng = Rng::new(3);
+        for (n, slots) in [(1, 5), (10, 3), (64, 500), (4096, 700), (5000, 3)] {
+            let ids: Vec<i64> = (0..slots).map(|_| rng.range(0, n - 1) as i64).collect();
+            let touched = touched_rows(Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [slots]), &device), n);
+            let distinct: Vec<i64> =
+                ids.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            assert_eq!(host_int(&touched.ids), distinct, "{name}");
+            let inverse = host_int(&touched.inverse);
+            for (slot, id) in ids.iter().enumerate() {
+                assert_eq!(distinct[inverse[slot] as usize], *id, "{name}");
+            }
+        }
+    }
+}
+
+/// From the same state, one lazy step equals Burn's dense AdamW (with weight decay and norm
+/// clipping) on the touched rows within 1e-6; untouched rows and their moments do not move.
+#[test]
+fn sparse_step_equals_dense_adamw_on_touched_rows() {
+    for (name, base) in devices() {
+        let device = base.autodiff();
+        let mut rng = Rng::new(11);
+        let peer = layer(&device, &mut rng);
+        let x = tensor(rng.normals(20 * D_MODEL, 1.0), [4, 5, D_MODEL], &device);
+        let weights = tensor(rng.normals(20 * D_MODEL, 1.0), [4, 5, D_MODEL], &device);
+        let (lr, decay, clip) = (0.05, 0.1, 0.5);
+
+        // Dense: autodiff's table gradients through Burn's AdamW.
+        let (y, _) = peer.forward_with_routing(x.clone());
+        let grads = loss(x.clone(), y, &weights).backward();
+        let mut params = GradientsParams::new();
+        for table in [&peer.experts.down, &peer.experts.up] {
+            params.register(table.id(), table.grad(&grads).unwrap());
+        }
+        let mut optim = AdamWConfig::new()
+            .with_weight_decay(decay)
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(clip)))
+            .init();
+        let before = peer.clone().fork(&device);
+        let dense = optim.step(lr, peer, params);
+
+        // Sparse: taped row gradients through the lazy AdamW, on an unshared copy.
+        let sparse = before.clone().fork(&device);
+        let mut tape = ExpertTape::new();
+        let (y, _) = sparse.forward_taped(x.clone(), &mut tape);
+        let residual = tape.cut(x);
+        let taped = tape.backward(loss(residual, y, &weights));
+        let rows = &taped.rows[0].rows;
+        let config = SparseAdamWConfig::new().with_weight_decay(decay).with_grad_clip_norm(Some(clip));
+        let state = config.init_state(&sparse.experts);
+        let state = config.step(lr, &sparse.experts, state, rows);
+        assert_eq!(state.steps(), 1);
+
+        let touched: Vec<usize> = host_int(&rows.ids).into_iter().map(|i| i as usize).collect();
+        let tables = [
+            (&before.experts.down, &dense.experts.down, &sparse.experts.down, &state.down),
+            (&before.experts.up, &dense.experts.up, &sparse.experts.up, &state.up),
+        ];
+        for (old, dense, sparse, moments) in tables {
+            let (old, dense, sparse) = (host(&old.val()), host(&dense.val()), host(&sparse.val()));
+            let m1 = host(&moments.moment_1.val());
+            for row in 0..old.len() / D_MODEL {
+                let range = row * D_MODEL..(row + 1) * D_MODEL;
+                if touched.contains(&row) {
+                    for i in range {
+                        assert!(
+                            (sparse[i] - dense[i]).abs() < 1e-6,
+                            "{name}: row {row}: {} vs {}",
+                            sparse[i],
+                            dense[i]
+                        );
+                    }
+                } else {
+                    assert_eq!(sparse[range.clone()], old[range.clone()], "{name}: untouched row {row} moved");
+                    assert!(m1[range].iter().all(|&m| m == 0.0), "{name}: untouched moment {row} moved");
+                }
+            }
+        }
+    }
+}
+
+/// Three steps with different row sets follow the documented rule, computed here in f64.
+#[test]
+fn lazy_rule_over_several_steps() {
+    for (name, device) in devices() {
+        let mut rng = Rng::new(5);
+        let width = 4;
+        let mut peer = PeerConfig::new(width, 4 * 4).with_heads(1).with_top_k(2).with_key_dim(4).init(&device);
+        let initial = rng.normals(16 * width, 0.5);
+        peer.experts.down.set(tensor(initial.clone(), [16, width], &device));
+        peer.experts.up.set(tensor(initial.clone(), [16, width], &device));
+        let config = SparseAdamWConfig::new().with_weight_decay(0.2).with_grad_clip_norm(Some(1.0));
+        let mut state = config.init_state(&peer.experts);
+        let (b1, b2, eps, wd) = (0.9f64, 0.999f64, 1e-5f64, 0.2f64);
+        let mut theta: Vec<f64> = initial.iter().map(|&v| v as f64).collect();
+        let (mut m, mut v) = (vec![0.0; theta.len()], vec![0.0; theta.len()]);
+        for (step, ids) in [vec![0usize, 3, 7], vec![3, 9], vec![0, 1, 2, 15]].into_iter().enumerate() {
+            let t = step as i32 + 1;
+            let lr = 0.1 / t as f64;
+            let grad = rng.normals(ids.len() * width, 2.0);
+            let row_grads = RowGradients {
+                ids: Tensor::<1, Int>::from_data(
+                    TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [ids.len()]),
+                    &device,
+                ),
+                down: tensor(grad.clone(), [ids.len(), width], &device),
+                up: tensor(grad.clone(), [ids.len(), width], &device),
+            };
+            state = config.step(lr, &peer.experts, state, &row_grads);
+            let norm = grad.iter().map(|&g| (g as f64).powi(2)).sum::<f64>().sqrt();
+            let scale = (1.0 / (norm + f32::MIN_POSITIVE as f64)).min(1.0);
+            for (k, &row) in ids.iter().enumerate() {
+                for c in 0..width {
+                    let (i, g) = (row * width + c, grad[k * width + c] as f64 * scale);
+                    m[i] = b1 * m[i] + (1.0 - b1) * g;
+                    v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                    let update = (m[i] / (1.0 - b1.powi(t))) / ((v[i] / (1.0 - b2.powi(t))).sqrt() + eps);
+                    theta[i] = theta[i] * (1.0 - lr * wd) - lr * update;
+                }
+            }
+        }
+        assert_eq!(state.steps(), 3);
+        for (what, actual, expected) in [
+            ("down", host(&peer.experts.down.val()), &theta),
+            ("up", host(&peer.experts.up.val()), &theta),
+            ("m", host(&state.down.moment_1.val()), &m),
+            ("v", host(&state.up.moment_2.val()), &v),
+        ] {
+            for (i, (a, e)) in actual.iter().zip(expected.iter()).enumerate() {
+                assert!((a - e).abs() < 1e-6, "{name}: {what}[{i}] = {a}, rule gives {e}");
+            }
+        }
+    }
+}
+
+/// Tables stored in row blocks (as on GPUs for tables above 64 MiB; forced small here) train
+/// exactly like one table: same output, same row gradients, same lazy AdamW step.
+#[test]
+fn blocked_tables_train_like_one_table() {
+    for (name, base) in devices() {
+        let device = base.autodiff();
+        let whole = layer_in_blocks(&device, &mut Rng::new(21), None);
+        let blocked = layer_in_blocks(&device, &mut Rng::new(21), Some(7 * D_MODEL * 4));
+        assert_eq!((whole.experts.down.num_blocks(), blocked.experts.down.num_blocks()), (1, 10), "{name}");
+        let x = tensor(Rng::new(2).normals(20 * D_MODEL, 1.0), [4, 5, D_MODEL], &device);
+        let config = SparseAdamWConfig::new().with_grad_clip_norm(Some(0.5));
+        let mut results = Vec::new();
+        for peer in [&whole, &blocked] {
+            let dense_output = host(&peer.forward(x.clone()));
+            let mut tape = ExpertTape::new();
+            let (y, _) = peer.forward_taped(x.clone(), &mut tape);
+            let output = host(&y);
+            let taped = tape.backward(y.powi_scalar(2).sum());
+            let rows = &taped.rows[0].rows;
+            let state = config.init_state(&peer.experts);
+            let _ = config.step(0.1, &peer.experts, state, rows);
+            results.push((
+                dense_output,
+                output,
+                host(&rows.down),
+                host(&rows.up),
+                host(&peer.experts.down.val()),
+                host(&peer.experts.up.val()),
+            ));
+        }
+        let (a, b) = (&results[0], &results[1]);
+        for (what, x, y) in [
+            ("dense forward", &a.0, &b.0),
+            ("taped forward", &a.1, &b.1),
+            ("dL/du rows", &a.2, &b.2),
+            ("dL/dv rows", &a.3, &b.3),
+            ("u after step", &a.4, &b.4),
+            ("v after step", &a.5, &b.5),
+        ] {
+            let err = relative_error(x, y);
+            assert!(err < 1e-6, "{name}: {what}: relative error {err}");
+        }
+    }
+}
