@@ -228,12 +228,28 @@ pub struct ChartSeries {
 impl Chart {
     /// A line chart.
     pub fn lines(file: &str, title: &str, x_label: &str, y_label: &str, log_x: bool, series: Vec<ChartSeries>) -> Self {
-        Self { file: file.into(), title: title.into(), x_label: x_label.into(), y_label: y_label.into(), series, bars: Vec::new(), log_x }
+        Self {
+            file: file.into(),
+            title: title.into(),
+            x_label: x_label.into(),
+            y_label: y_label.into(),
+            series,
+            bars: Vec::new(),
+            log_x,
+        }
     }
 
     /// A horizontal bar chart.
     pub fn bars(file: &str, title: &str, x_label: &str, bars: Vec<(String, f64)>) -> Self {
-        Self { file: file.into(), title: title.into(), x_label: x_label.into(), y_label: String::new(), series: Vec::new(), bars, log_x: false }
+        Self {
+            file: file.into(),
+            title: title.into(),
+            x_label: x_label.into(),
+            y_label: String::new(),
+            series: Vec::new(),
+            bars,
+            log_x: false,
+        }
     }
 }
 

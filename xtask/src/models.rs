@@ -196,7 +196,12 @@ pub fn models(args: &ModelsArgs) {
     draw_charts(
         "models",
         &[
-            Chart::bars("models.png", "Validation perplexity at equal FLOPs per token (lower is better)", "perplexity", perplexities),
+            Chart::bars(
+                "models.png",
+                "Validation perplexity at equal FLOPs per token (lower is better)",
+                "perplexity",
+                perplexities,
+            ),
             Chart::lines(
                 "models_peer_sweep.png",
                 "PEER: validation perplexity vs number of experts (fixed h·k)",
@@ -386,7 +391,14 @@ pub fn scaling(args: &ScalingArgs) {
         "scaling",
         &[
             Chart::lines("scaling_step_time.png", &title, "experts N", "seconds per step", true, step_lines),
-            Chart::lines("scaling_memory.png", "Peak memory vs number of experts", "experts N", "GiB", true, memory_lines),
+            Chart::lines(
+                "scaling_memory.png",
+                "Peak memory vs number of experts",
+                "experts N",
+                "GiB",
+                true,
+                memory_lines,
+            ),
         ],
     );
 }

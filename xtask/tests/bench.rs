@@ -16,9 +16,10 @@ fn bench(dir: &Path, args: &[&str]) -> serde_json::Value {
     assert!(stdout.contains("|---|"), "{args:?} printed no table: {stdout}");
     let name = args[0];
     let json = std::fs::read_to_string(dir.join(format!("{name}.json"))).expect("JSON written");
-    let charts: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.charts.json"))).expect("charts written"))
-            .expect("valid chart spec");
+    let charts: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("{name}.charts.json"))).expect("charts written"),
+    )
+    .expect("valid chart spec");
     for chart in charts {
         let png = dir.join(chart["file"].as_str().unwrap());
         let bytes = std::fs::read(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));

@@ -51,9 +51,9 @@ mod peer;
 mod pkm;
 mod product_keys;
 mod query;
-mod sparse_adamw;
-mod table;
-mod tape;
+pub mod sparse_adamw;
+pub mod table;
+pub mod tape;
 mod topk;
 mod usage;
 

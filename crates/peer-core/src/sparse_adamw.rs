@@ -23,7 +23,36 @@ use burn::tensor::{Int, Tensor};
 use crate::experts::{Experts, RowGradients};
 use crate::table::ExpertTable;
 
+/// Rows updated per group (bounds the optimizer's temporaries to a few `[65,536, d_model]`).
+const UPDATE_ROWS: usize = 1 << 16;
+
 /// Hyper-parameters of the lazy AdamW (defaults as Burn's `AdamWConfig`, no weight decay).
+///
+/// ```
+/// use burn::tensor::{Device, Distribution, Tensor};
+/// use peer_core::{ExpertTape, PeerConfig, SparseAdamWConfig};
+///
+/// let device = Device::flex().autodiff();
+/// let peer = PeerConfig::new(16, 8 * 8).with_heads(2).with_top_k(4).with_key_dim(8).init(&device);
+/// let optimizer = SparseAdamWConfig::new().with_grad_clip_norm(Some(1.0));
+/// let mut state = optimizer.init_state(&peer.experts);
+///
+/// let x = Tensor::<3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &device).require_grad();
+/// let mut tape = ExpertTape::new();
+/// let (y, _routing) = peer.forward_taped(x.clone(), &mut tape);
+/// let residual = tape.cut(x);
+/// let mut grads = tape.backward((residual + y).powi_scalar(2).mean());
+/// let _others = grads.params(&peer); // query network, keys, norms: for Burn's optimizer
+///
+/// let before = peer.experts.down.val().inner();
+/// for layer in &grads.rows {
+///     state = optimizer.step(1e-2, &peer.experts, state, &layer.rows);
+/// }
+/// assert_eq!(state.steps(), 1);
+/// // Only the retrieved rows moved.
+/// let moved = (peer.experts.down.val().inner() - before).abs().sum_dim(1).greater_elem(0.0).int().sum();
+/// assert_eq!(moved.into_scalar::<i64>() as usize, grads.rows[0].rows.ids.dims()[0]);
+/// ```
 #[derive(Config, Debug)]
 pub struct SparseAdamWConfig {
     /// β₁.
@@ -107,12 +136,21 @@ impl SparseAdamWConfig {
             }
             None => grad,
         };
-        let moment_1 = moments.moment_1.update_rows(ids, |m| m * self.beta_1 + grad.clone() * (1.0 - self.beta_1));
-        let moment_2 = moments.moment_2.update_rows(ids, |v| v * self.beta_2 + grad.square() * (1.0 - self.beta_2));
-        let corrected_1 = moment_1 / (1.0 - self.beta_1.powi(step));
-        let corrected_2 = moment_2 / (1.0 - self.beta_2.powi(step));
-        let delta = corrected_1 / (corrected_2.sqrt() + self.epsilon);
-        let decay = 1.0 - lr * self.weight_decay as f64;
-        table.update_rows(ids, |theta| theta * decay - delta * lr);
+        // Rows in groups of UPDATE_ROWS, so the temporaries (old and new rows of θ, m, v) stay
+        // bounded whatever number of rows a step touched.
+        let [rows] = ids.dims();
+        for start in (0..rows).step_by(UPDATE_ROWS) {
+            let len = UPDATE_ROWS.min(rows - start);
+            let ids = ids.clone().narrow(0, start, len);
+            let grad = grad.clone().narrow(0, start, len);
+            let moment_1 = moments.moment_1.update_rows(&ids, |m| m * self.beta_1 + grad.clone() * (1.0 - self.beta_1));
+            let moment_2 =
+                moments.moment_2.update_rows(&ids, |v| v * self.beta_2 + grad.square() * (1.0 - self.beta_2));
+            let corrected_1 = moment_1 / (1.0 - self.beta_1.powi(step));
+            let corrected_2 = moment_2 / (1.0 - self.beta_2.powi(step));
+            let delta = corrected_1 / (corrected_2.sqrt() + self.epsilon);
+            let decay = 1.0 - lr * self.weight_decay as f64;
+            table.update_rows(&ids, |theta| theta * decay - delta * lr);
+        }
     }
 }

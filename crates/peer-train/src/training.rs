@@ -225,7 +225,7 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
         let meta = CheckpointMeta { tokenizer: Some(record.tokenizer), ..Default::default() };
         tokenizer.check_matches(&meta, &artifact_dir)?;
         // The run continues with the recipe it started with.
-        config = serde_json::from_value(record.config).map_err(|e| TrainError::ConfigFile {
+        config = training_config_from_json(record.config).map_err(|e| TrainError::ConfigFile {
             path: run_file.clone(),
             what: "training configuration",
             reason: e.to_string(),
@@ -235,8 +235,12 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
                 .ok_or_else(|| TrainError::NothingToResume(artifact_dir.clone()))?,
         )
     } else {
-        if checkpoint_dir.exists() {
-            std::fs::remove_dir_all(&checkpoint_dir).map_err(io("remove", &checkpoint_dir))?;
+        // A fresh run in an old run's directory: its checkpoints and metric logs would mix
+        // with this run's (Burn's summary reads every epoch's log it finds).
+        for stale in [checkpoint_dir.clone(), artifact_dir.join("train"), artifact_dir.join("valid")] {
+            if stale.exists() {
+                std::fs::remove_dir_all(&stale).map_err(io("remove", &stale))?;
+            }
         }
         std::fs::create_dir_all(&artifact_dir).map_err(io("create", &artifact_dir))?;
         let record = RunRecord {
@@ -434,11 +438,16 @@ pub fn load_training_config(path: &Path) -> Result<TrainingConfig, TrainError> {
         what: "training configuration",
         reason: e.to_string(),
     };
-    let mut value: serde_json::Value = serde_json::from_str(&text).map_err(invalid)?;
-    // Burn's `Config` derive requires every field in JSON; fields added after a file was
-    // written (run.json of an older run, hand-written configs) take their documented default.
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(invalid)?;
+    training_config_from_json(value).map_err(invalid)
+}
+
+/// A training configuration from JSON. Burn's `Config` derive requires every field; fields
+/// added after a file was written (`run.json` of an older run, hand-written configs) take their
+/// documented default.
+fn training_config_from_json(mut value: serde_json::Value) -> Result<TrainingConfig, serde_json::Error> {
     if let Some(fields) = value.as_object_mut() {
         fields.entry("expert_updates").or_insert_with(|| serde_json::json!(ExpertUpdates::default()));
     }
-    serde_json::from_value(value).map_err(invalid)
+    serde_json::from_value(value)
 }
