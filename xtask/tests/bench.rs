@@ -31,25 +31,12 @@ fn bench(dir: &Path, args: &[&str]) -> serde_json::Value {
 #[test]
 fn every_subcommand_runs_at_toy_size() {
     let dir = std::env::temp_dir().join(format!("peer-xtask-{}", std::process::id()));
-    let layer = [
-        "--roots",
-        "4,8",
-        "--d-model",
-        "32",
-        "--key-dim",
-        "16",
-        "--heads",
-        "2",
-        "--top-k",
-        "4",
-        "--tokens",
-        "32",
-        "--repeats",
-        "1",
-    ];
+    // The toy layer both benchmark families share.
+    let sizes = ["--roots", "4,8", "--d-model", "32", "--key-dim", "16", "--heads", "2", "--top-k", "4"];
+    let layer: Vec<&str> = sizes.iter().copied().chain(["--tokens", "32", "--repeats", "1"]).collect();
 
     let mut args = vec!["backends"];
-    args.extend(layer);
+    args.extend(&layer);
     let backends = bench(&dir, &args);
     let records = backends["records"].as_array().unwrap();
     for device in ["flex", "ndarray", "wgpu"] {
@@ -65,28 +52,10 @@ fn every_subcommand_runs_at_toy_size() {
         assert!(records.iter().any(|r| r["layer"] == "peer" && r["pass"] == pass), "no {pass} row");
     }
 
-    let scaling = bench(
-        &dir,
-        &[
-            "scaling",
-            "--roots",
-            "4,8",
-            "--d-model",
-            "32",
-            "--key-dim",
-            "16",
-            "--heads",
-            "2",
-            "--top-k",
-            "4",
-            "--batch",
-            "2",
-            "--seq-len",
-            "16",
-            "--repeats",
-            "1",
-        ],
-    );
+    let mut args = vec!["scaling"];
+    args.extend(sizes);
+    args.extend(["--batch", "2", "--seq-len", "16", "--repeats", "1"]);
+    let scaling = bench(&dir, &args);
     let records = scaling["records"].as_array().unwrap();
     assert_eq!(records.len(), 4, "two sizes × sparse and dense updates");
     for r in records {
@@ -109,7 +78,7 @@ fn every_subcommand_runs_at_toy_size() {
 
     // Without PEER-pytorch this prints that it skips; with it, it measures. Either way it runs.
     let mut args = vec!["pytorch"];
-    args.extend(layer);
+    args.extend(&layer);
     let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .arg("bench")
         .args(&args)

@@ -163,26 +163,28 @@ impl Experts {
         } else {
             (MAX_GATHER_BYTES / (m * d_model * 4)).clamp(1, tokens.max(1))
         };
-        self.forward_chunked(x, expert_ids, router_weights, chunk)
+        self.forward_in_blocks(&self.down.rows(), &self.up.rows(), x, expert_ids, router_weights, chunk)
     }
 
-    /// [`forward`](Self::forward) in blocks of at most `chunk` tokens.
-    fn forward_chunked(
+    /// Eq. 5 from the tables `down` and `up`, in blocks of at most `chunk` tokens.
+    fn forward_in_blocks(
         &self,
+        down: &TableRows,
+        up: &TableRows,
         x: Tensor<2>,
         expert_ids: Tensor<2, Int>,
         router_weights: Tensor<2>,
         chunk: usize,
     ) -> Tensor<2> {
         let [tokens, _] = x.dims();
-        let (down, up) = (self.down.rows(), self.up.rows());
+        let chunk = chunk.max(1);
         let outputs = (0..tokens)
-            .step_by(chunk.max(1))
+            .step_by(chunk)
             .map(|start| {
                 let len = chunk.min(tokens - start);
                 self.forward_block(
-                    &down,
-                    &up,
+                    down,
+                    up,
                     x.clone().narrow(0, start, len),
                     expert_ids.clone().narrow(0, start, len),
                     router_weights.clone().narrow(0, start, len),
@@ -231,21 +233,7 @@ impl Experts {
         let [_, m] = expert_ids.dims();
         let chunk = self.detached_chunk(&x.device(), m);
         let (down, up) = (self.down.rows().inner(), self.up.rows().inner());
-        let [tokens, _] = x.dims();
-        let outputs = (0..tokens)
-            .step_by(chunk)
-            .map(|start| {
-                let len = chunk.min(tokens - start);
-                self.forward_block(
-                    &down,
-                    &up,
-                    x.clone().narrow(0, start, len),
-                    expert_ids.clone().narrow(0, start, len),
-                    router_weights.clone().narrow(0, start, len),
-                )
-            })
-            .collect();
-        Tensor::cat(outputs, 0)
+        self.forward_in_blocks(&down, &up, x, expert_ids, router_weights, chunk)
     }
 
     /// The vector-Jacobian product of [`forward_detached`](Self::forward_detached): given
@@ -338,8 +326,9 @@ mod tests {
         let ids: Vec<i64> = (0..7 * 3).map(|i| (i * 5 % 16) as i64).collect();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [7, 3]), &device);
         let w = Tensor::<2>::random([7, 3], Distribution::Uniform(0.0, 1.0), &device);
-        let whole = experts.forward_chunked(x.clone(), ids.clone(), w.clone(), 7);
-        let blocks = experts.forward_chunked(x.clone(), ids, w, 3);
+        let (down, up) = (experts.down.rows(), experts.up.rows());
+        let whole = experts.forward_in_blocks(&down, &up, x.clone(), ids.clone(), w.clone(), 7);
+        let blocks = experts.forward_in_blocks(&down, &up, x.clone(), ids, w, 3);
         whole.clone().into_data().assert_approx_eq::<f32>(&blocks.clone().into_data(), Default::default());
         let g_whole = whole.sum().backward();
         let g_blocks = blocks.sum().backward();
