@@ -225,10 +225,10 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
         let meta = CheckpointMeta { tokenizer: Some(record.tokenizer), ..Default::default() };
         tokenizer.check_matches(&meta, &artifact_dir)?;
         // The run continues with the recipe it started with.
-        config = training_config_from_json(record.config).map_err(|e| TrainError::ConfigFile {
-            path: run_file.clone(),
-            what: "training configuration",
-            reason: e.to_string(),
+        // A run recorded before `expert_updates` existed trained its tables densely, and its
+        // checkpoints hold no lazy AdamW state: continue it that way.
+        config = training_config_from_json(record.config, ExpertUpdates::Dense).map_err(|e| {
+            TrainError::ConfigFile { path: run_file.clone(), what: "training configuration", reason: e.to_string() }
         })?;
         Some(
             last_complete_checkpoint(&checkpoint_dir)
@@ -439,15 +439,17 @@ pub fn load_training_config(path: &Path) -> Result<TrainingConfig, TrainError> {
         reason: e.to_string(),
     };
     let value: serde_json::Value = serde_json::from_str(&text).map_err(invalid)?;
-    training_config_from_json(value).map_err(invalid)
+    training_config_from_json(value, ExpertUpdates::default()).map_err(invalid)
 }
 
-/// A training configuration from JSON. Burn's `Config` derive requires every field; fields
-/// added after a file was written (`run.json` of an older run, hand-written configs) take their
-/// documented default.
-fn training_config_from_json(mut value: serde_json::Value) -> Result<TrainingConfig, serde_json::Error> {
+/// A training configuration from JSON. Burn's `Config` derive requires every field; a file
+/// written before `expert_updates` existed gets `updates`.
+fn training_config_from_json(
+    mut value: serde_json::Value,
+    updates: ExpertUpdates,
+) -> Result<TrainingConfig, serde_json::Error> {
     if let Some(fields) = value.as_object_mut() {
-        fields.entry("expert_updates").or_insert_with(|| serde_json::json!(ExpertUpdates::default()));
+        fields.entry("expert_updates").or_insert_with(|| serde_json::json!(updates));
     }
     serde_json::from_value(value)
 }
