@@ -110,14 +110,21 @@ fn lines(chart: &Chart, path: &Path) -> Result2 {
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
         plot.draw_series(points.into_iter().map(|p| Circle::new(p, 5, color.filled())))?;
     }
-    plot.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 15)).draw()?;
+    plot.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
     root.present()?;
     Ok(())
 }
 
 fn bars(chart: &Chart, path: &Path) -> Result2 {
     let height = 120 + 36 * chart.bars.len() as u32;
-    let root = BitMapBackend::new(path, (900, height)).into_drawing_area();
+    // Room for the longest label (about 8 px per character at 15 px).
+    let label_width = 24 + 8 * chart.bars.iter().map(|b| b.0.chars().count() as u32).max().unwrap_or(0);
+    let root = BitMapBackend::new(path, (600 + label_width, height)).into_drawing_area();
     root.fill(&WHITE)?;
     let max = chart.bars.iter().map(|b| b.1).fold(0.0, f64::max) * 1.15;
     let n = chart.bars.len();
@@ -125,15 +132,15 @@ fn bars(chart: &Chart, path: &Path) -> Result2 {
         .caption(&chart.title, ("sans-serif", 22))
         .margin(16)
         .x_label_area_size(44)
-        .y_label_area_size(300)
-        .build_cartesian_2d(0.0..max.max(1e-12), (0..n).into_segmented())?;
+        .y_label_area_size(label_width)
+        .build_cartesian_2d(0.0..max.max(1e-12), (0..n as i32 - 1).into_segmented())?;
     let labels: Vec<String> = chart.bars.iter().map(|b| b.0.clone()).collect();
     plot.configure_mesh()
         .x_desc(&chart.x_label)
         .y_desc(&chart.y_label)
         .y_labels(n)
         .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) if *i < n => labels[n - 1 - *i].clone(),
+            SegmentValue::CenterOf(i) if (0..n as i32).contains(i) => labels[n - 1 - *i as usize].clone(),
             _ => String::new(),
         })
         .label_style(("sans-serif", 15))
@@ -142,8 +149,10 @@ fn bars(chart: &Chart, path: &Path) -> Result2 {
     // The first bar on top.
     plot.draw_series(chart.bars.iter().enumerate().map(|(i, (_, v))| {
         let color = Palette99::pick(i).filled();
-        let row = n - 1 - i;
-        Rectangle::new([(0.0, SegmentValue::Exact(row)), (*v, SegmentValue::Exact(row + 1))], color)
+        let row = (n - 1 - i) as i32;
+        let mut bar = Rectangle::new([(0.0, SegmentValue::Exact(row)), (*v, SegmentValue::Exact(row + 1))], color);
+        bar.set_margin(3, 3, 0, 0);
+        bar
     }))?;
     root.present()?;
     Ok(())
