@@ -30,6 +30,17 @@ pub struct Timing {
 }
 
 impl Timing {
+    /// Median, extremes and count of `samples` (seconds; at least one).
+    pub fn from_samples(mut samples: Vec<f64>) -> Self {
+        samples.sort_by(f64::total_cmp);
+        Timing {
+            median_s: samples[samples.len() / 2],
+            min_s: samples[0],
+            max_s: samples[samples.len() - 1],
+            runs: samples.len(),
+        }
+    }
+
     /// The median, in s or ms.
     pub fn median(&self) -> String {
         if self.median_s >= 1.0 { format!("{:.2} s", self.median_s) } else { format!("{:.1} ms", 1e3 * self.median_s) }
@@ -47,7 +58,7 @@ pub fn time(device: &Device, repeats: Repeats, mut f: impl FnMut()) -> Timing {
         f();
         device.sync().ok();
     }
-    let mut samples: Vec<f64> = (0..repeats.timed.max(1))
+    let samples: Vec<f64> = (0..repeats.timed.max(1))
         .map(|_| {
             device.sync().ok();
             let start = Instant::now();
@@ -56,13 +67,7 @@ pub fn time(device: &Device, repeats: Repeats, mut f: impl FnMut()) -> Timing {
             start.elapsed().as_secs_f64()
         })
         .collect();
-    samples.sort_by(f64::total_cmp);
-    Timing {
-        median_s: samples[samples.len() / 2],
-        min_s: samples[0],
-        max_s: samples[samples.len() - 1],
-        runs: samples.len(),
-    }
+    Timing::from_samples(samples)
 }
 
 /// Samples this process's resident memory every 2 ms on a background thread and keeps the

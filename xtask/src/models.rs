@@ -9,14 +9,16 @@ use burn::tensor::{Device, Distribution, Tensor};
 use burn::train::TrainStep;
 use clap::Args;
 use peer::core::{DenseFfwConfig, MoeConfig, MoeRouting, PeerConfig, PkmConfig, QueryNorm};
-use peer::model::{FeedForward, FeedForwardConfig, Transformer, TransformerConfig};
+use peer::model::{FeedForwardConfig, Transformer, TransformerConfig};
 use peer::train::corpus::{Corpus, bundled_corpus};
 use peer::train::data::LmBatch;
 use peer::train::learner::{ExpertUpdates, LanguageModel};
 use peer::train::tokenizer::TextTokenizer;
 use peer::train::training::{TrainOptions, TrainingConfig, train};
 
-use crate::harness::{Chart, ChartSeries, PeakMemory, Repeats, Report, bench_dir, bytes, draw_charts, si, time};
+use crate::harness::{
+    Chart, ChartSeries, PeakMemory, Repeats, Report, Timing, bench_dir, bytes, draw_charts, si, time,
+};
 use crate::layers::available_devices;
 
 /// Sizes of `bench models`.
@@ -249,12 +251,6 @@ pub struct ScalingArgs {
     pub updates: Vec<String>,
 }
 
-/// Median of `samples` (seconds).
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
 /// Training-step time of a 4-block LM with PEER in the middle block, through the same
 /// `TrainStep::step` + `TrainStep::optimize` calls Burn's `Learner` makes, for each N and each
 /// way of updating the expert tables. Phases: forward+backward and optimizer are timed inside
@@ -307,7 +303,7 @@ pub fn scaling(args: &ScalingArgs) {
             let state = (3 * params * 4) as u64;
             let memory = PeakMemory::start();
             device.seed(0);
-            let mut model = Some(LanguageModel::new(config.init(&device), updates, 1.0));
+            let mut model = LanguageModel::new(config.init(&device), updates, 1.0);
             let mut optim = AdamWConfig::new().with_grad_clipping(Some(GradientClippingConfig::Norm(1.0))).init();
             let tokens = || {
                 Tensor::<2>::random([args.batch, args.seq_len], Distribution::Uniform(0.0, vocab as f64), &device).int()
@@ -315,33 +311,28 @@ pub fn scaling(args: &ScalingArgs) {
             let batch = LmBatch { inputs: tokens(), targets: tokens() };
             let (mut step_s, mut backward_s, mut optimizer_s) = (Vec::new(), Vec::new(), Vec::new());
             for run in 0..args.repeats + 1 {
-                let m = model.take().expect("model");
                 device.sync().ok();
                 let start = Instant::now();
-                let output = TrainStep::step(&m, batch.clone());
+                let output = TrainStep::step(&model, batch.clone());
                 device.sync().ok();
                 let stepped = Instant::now();
-                let m = TrainStep::optimize(m, &mut optim, 1e-3.into(), output.grads);
+                model = TrainStep::optimize(model, &mut optim, 1e-3.into(), output.grads);
                 device.sync().ok();
                 if run > 0 {
                     backward_s.push((stepped - start).as_secs_f64());
                     optimizer_s.push(stepped.elapsed().as_secs_f64());
                     step_s.push(start.elapsed().as_secs_f64());
                 }
-                model = Some(m);
             }
             let peak = memory.stop();
-            let model = model.take().expect("model");
             let (retrieval, experts) = phase_times(&model.transformer, args, &device, updates);
             drop(model);
-            let step = median(step_s.clone());
-            let optimizer = median(optimizer_s);
-            let rest = (median(backward_s) - retrieval - experts).max(0.0);
+            let timing = Timing::from_samples(step_s.clone());
+            let step = timing.median_s;
+            let optimizer = Timing::from_samples(optimizer_s).median_s;
+            let rest = (Timing::from_samples(backward_s).median_s - retrieval - experts).max(0.0);
             let ratio = first.map_or(1.0, |f| step / f);
             first.get_or_insert(step);
-            let spread = (step_s.iter().cloned().fold(f64::MIN, f64::max)
-                - step_s.iter().cloned().fold(f64::MAX, f64::min))
-                / step;
             let ms = |s: f64| format!("{:.0} ms", 1e3 * s);
             let n = (root * root) as f64;
             steps.push((n, step));
@@ -356,8 +347,8 @@ pub fn scaling(args: &ScalingArgs) {
                     args.device.clone(),
                     mode.clone(),
                     format!("{root}²"),
-                    format!("{} ({ratio:.2}×)", if step >= 1.0 { format!("{step:.2} s") } else { ms(step) }),
-                    format!("{:.0}%", 100.0 * spread),
+                    format!("{} ({ratio:.2}×)", timing.median()),
+                    format!("{:.0}%", 100.0 * timing.spread()),
                     ms(retrieval),
                     ms(experts),
                     ms(optimizer),
@@ -406,14 +397,7 @@ pub fn scaling(args: &ScalingArgs) {
 /// Retrieval and expert-compute times (forward and backward) of the PEER block at the step's
 /// shapes.
 fn phase_times(model: &Transformer, args: &ScalingArgs, device: &Device, updates: ExpertUpdates) -> (f64, f64) {
-    let peer = model
-        .blocks
-        .iter()
-        .find_map(|b| match &b.feed_forward {
-            FeedForward::Peer(p) => Some(p),
-            _ => None,
-        })
-        .expect("a PEER block");
+    let peer = model.peer_layers().next().expect("a PEER block");
     let x = Tensor::<3>::random([args.batch, args.seq_len, args.d_model], Distribution::Normal(0.0, 1.0), device)
         .require_grad();
     let repeats = Repeats { warmup: 1, timed: args.repeats };

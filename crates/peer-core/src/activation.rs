@@ -9,12 +9,17 @@ use burn::tensor::Tensor;
 /// derivative of the tanh approximation: gradients then differ between backends by about 1e-3
 /// relative. Composing the function from `erf` keeps forward and backward consistent.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    (x.clone().div_scalar(std::f64::consts::SQRT_2).erf() + 1.0) * x * 0.5
+    normal_cdf(x.clone()) * x
+}
+
+/// Φ(x) = 0.5 · (1 + erf(x / √2)), the standard normal CDF.
+fn normal_cdf<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    (x.div_scalar(std::f64::consts::SQRT_2).erf() + 1.0) * 0.5
 }
 
 /// dGELU/dx = Φ(x) + x φ(x), with Φ, φ the standard normal CDF and density.
 pub fn gelu_derivative<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    let cdf = (x.clone().div_scalar(std::f64::consts::SQRT_2).erf() + 1.0) * 0.5;
+    let cdf = normal_cdf(x.clone());
     let density = (x.clone().square() * -0.5).exp() * (1.0 / (2.0 * std::f64::consts::PI).sqrt());
     cdf + x * density
 }

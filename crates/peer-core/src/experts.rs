@@ -7,7 +7,7 @@
 //!   gradients by hand, in token blocks of bounded size, re-gathering the rows in backward
 //!   instead of keeping them. The table gradients come back as [`RowGradients`]: one row per
 //!   expert the step retrieved. [`ExpertTape`](crate::ExpertTape) wires them into autodiff and
-//!   [`SparseAdamW`](crate::SparseAdamW) applies them.
+//!   [`SparseAdamWConfig`](crate::SparseAdamWConfig) applies them.
 
 use burn::module::Module;
 use burn::tensor::activation::relu;
@@ -15,17 +15,13 @@ use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor};
 
 use crate::activation::{gelu, gelu_derivative};
 use crate::config::Activation;
-use crate::table::{ExpertTable, TableRows, block_rows};
+use crate::table::{ExpertTable, GPU_BLOCK_BYTES, TableRows, block_rows};
 use crate::topk::is_cpu_backend;
-
-/// Largest gathered expert-row block of the differentiable path on GPU backends (wgpu caps one
-/// buffer at 128 MiB).
-const MAX_GATHER_BYTES: usize = 64 << 20;
 
 /// Size of one gathered `[tokens, m, d_model]` block in the detached path: 8 MiB on CPU
 /// backends (the block stays in cache between the gather and its use), 64 MiB on GPU backends.
 fn detached_block_bytes(device: &Device) -> usize {
-    if is_cpu_backend(device) { 8 << 20 } else { MAX_GATHER_BYTES }
+    if is_cpu_backend(device) { 8 << 20 } else { GPU_BLOCK_BYTES }
 }
 
 /// The expert tables: row i of `down` is u_i, row i of `up` is v_i.
@@ -161,7 +157,7 @@ impl Experts {
         let chunk = if is_cpu_backend(&x.device()) {
             tokens
         } else {
-            (MAX_GATHER_BYTES / (m * d_model * 4)).clamp(1, tokens.max(1))
+            (GPU_BLOCK_BYTES / (m * d_model * 4)).clamp(1, tokens.max(1))
         };
         self.forward_in_blocks(&self.down.rows(), &self.up.rows(), x, expert_ids, router_weights, chunk)
     }

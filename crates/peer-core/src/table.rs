@@ -26,7 +26,8 @@ use burn::tensor::{Device, Gradients, IndexingUpdateOp, Int, Tensor};
 
 use crate::topk::is_cpu_backend;
 
-/// Largest row block on GPU backends.
+/// Largest buffer this crate makes on GPU backends (wgpu caps one storage binding at 128 MiB):
+/// a table's row block, or a block of gathered expert rows.
 pub const GPU_BLOCK_BYTES: usize = 64 << 20;
 
 /// Rows per block for a `[rows, width]` f32 table on `device`: all of them on CPU backends
@@ -58,6 +59,11 @@ pub struct TableRows {
 }
 
 impl TableRows {
+    /// The values of `blocks` through `value` (tracked, or without autodiff).
+    fn of(blocks: &[Param<Tensor<2>>], value: impl Fn(&Param<Tensor<2>>) -> Tensor<2>) -> Self {
+        Self { rows_per_block: blocks[0].lazy_shape().dims::<2>()[0], blocks: blocks.iter().map(value).collect() }
+    }
+
     /// Rows `ids` of the table, `[ids, width]`. Differentiable when the blocks are tracked.
     pub fn gather(&self, ids: Tensor<1, Int>) -> Tensor<2> {
         if let [only] = &self.blocks[..] {
@@ -123,10 +129,7 @@ impl ExpertTable {
 
     /// The blocks' current values (on an autodiff device: the tracked leaves).
     pub fn rows(&self) -> TableRows {
-        self.with(|blocks| TableRows {
-            rows_per_block: blocks[0].lazy_shape().dims::<2>()[0],
-            blocks: blocks.iter().map(|p| p.val()).collect(),
-        })
+        self.with(|blocks| TableRows::of(blocks, |p| p.val()))
     }
 
     /// Number of row blocks.
@@ -180,14 +183,11 @@ impl ExpertTable {
         let blocks = blocks
             .into_iter()
             .map(|param| {
-                param.map(|old| {
+                map_value(param, |old| {
                     let rows = old.dims()[0];
                     let fresh = tensor.clone().narrow(0, start, rows);
                     start += rows;
-                    match (old.is_autodiff(), old.is_require_grad()) {
-                        (true, require_grad) => Tensor::from_inner(fresh).set_require_grad(require_grad),
-                        (false, _) => fresh,
-                    }
+                    fresh
                 })
             })
             .collect();
@@ -200,10 +200,7 @@ impl ExpertTable {
     pub fn update_rows(&self, ids: &Tensor<1, Int>, f: impl FnOnce(Tensor<2>) -> Tensor<2>) -> Tensor<2> {
         let mut slot = self.lock();
         let blocks = slot.take().expect("an ExpertTable always holds a value");
-        let view = TableRows {
-            rows_per_block: blocks[0].lazy_shape().dims::<2>()[0],
-            blocks: blocks.iter().map(|p| p.val().inner()).collect(),
-        };
+        let view = TableRows::of(&blocks, |p| p.val().inner());
         let old = view.gather(ids.clone());
         let new = f(old.clone());
         // `Add` of the difference: the one select_assign mode every backend implements.
@@ -216,18 +213,13 @@ impl ExpertTable {
                 .into_iter()
                 .enumerate()
                 .map(|(b, param)| {
-                    param.map(|tensor| {
-                        let autodiff = tensor.is_autodiff();
-                        let require_grad = tensor.is_require_grad();
-                        let value = tensor.inner();
-                        let rows = value.dims()[0];
-                        let value = if single {
+                    map_value(param, |value| {
+                        if single {
                             value.select_assign(0, ids.clone(), delta.clone(), IndexingUpdateOp::Add)
                         } else {
-                            let (local, inside) = local_ids(ids, b * rows_per_block, rows);
+                            let (local, inside) = local_ids(ids, b * rows_per_block, value.dims()[0]);
                             value.select_assign(0, local, delta.clone() * inside, IndexingUpdateOp::Add)
-                        };
-                        if autodiff { Tensor::from_inner(value).set_require_grad(require_grad) } else { value }
+                        }
                     })
                 })
                 .collect(),
@@ -249,6 +241,17 @@ impl ExpertTable {
     fn map_blocks(self, f: impl FnMut(Param<Tensor<2>>) -> Param<Tensor<2>>) -> Self {
         Self::from_params(self.into_params().into_iter().map(f).collect())
     }
+}
+
+/// `param` with its value replaced by `f(value without autodiff)`, keeping the id, the device
+/// kind (autodiff or not) and whether it requires a gradient. The value reaches `f` as the only
+/// handle when no other is alive, so `select_assign` can write in place.
+fn map_value(param: Param<Tensor<2>>, f: impl FnOnce(Tensor<2>) -> Tensor<2>) -> Param<Tensor<2>> {
+    param.map(|tensor| {
+        let (autodiff, require_grad) = (tensor.is_autodiff(), tensor.is_require_grad());
+        let value = f(tensor.inner());
+        if autodiff { Tensor::from_inner(value).set_require_grad(require_grad) } else { value }
+    })
 }
 
 /// `ids` relative to a block starting at row `start` with `rows` rows, clamped into it, and a

@@ -42,21 +42,21 @@ impl FeedForward {
     }
 
     fn forward(&self, x: Tensor<3>, tape: Option<&mut ExpertTape>) -> FeedForwardOutput {
-        let (output, aux_loss, routing) = match self {
-            Self::Peer(layer) if tape.is_some() => {
-                let (y, routing) = layer.forward_taped(x, tape.expect("checked"));
+        let (output, aux_loss, routing) = match (self, tape) {
+            (Self::Peer(layer), Some(tape)) => {
+                let (y, routing) = layer.forward_taped(x, tape);
                 (y, None, Some(routing))
             }
-            Self::Dense(layer) => (layer.forward(x), None, None),
-            Self::Moe(layer) => {
+            (Self::Dense(layer), _) => (layer.forward(x), None, None),
+            (Self::Moe(layer), _) => {
                 let (y, aux) = layer.forward(x);
                 (y, Some(aux), None)
             }
-            Self::Pkm(layer) => {
+            (Self::Pkm(layer), _) => {
                 let (y, routing) = layer.forward_with_routing(x);
                 (y, None, Some(routing))
             }
-            Self::Peer(layer) => {
+            (Self::Peer(layer), None) => {
                 let (y, routing) = layer.forward_with_routing(x);
                 (y, None, Some(routing))
             }
@@ -214,12 +214,9 @@ impl Transformer {
         for (index, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer(index));
             x = x.clone() + block.attention.forward(block.attention_norm.forward(x), &self.rope, slot);
-            let taped = tape.as_deref_mut().filter(|_| matches!(block.feed_forward, FeedForward::Peer(_)));
-            let cut = taped.is_some();
-            let ffw = block.feed_forward.forward(block.feed_forward_norm.forward(x.clone()), taped);
-            if cut {
+            let ffw = block.feed_forward.forward(block.feed_forward_norm.forward(x.clone()), tape.as_deref_mut());
+            if let (FeedForward::Peer(_), Some(tape)) = (&block.feed_forward, tape.as_deref_mut()) {
                 // Tensors that continue past a taped block leave its graph segment as leaves.
-                let tape = tape.as_deref_mut().expect("taped block");
                 x = tape.cut(x);
                 aux_loss = tape.cut(aux_loss.reshape([1, 1, 1])).reshape([1]);
             }
@@ -286,6 +283,14 @@ impl Transformer {
     /// Number of blocks.
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// The PEER layers, in block order.
+    pub fn peer_layers(&self) -> impl Iterator<Item = &Peer> {
+        self.blocks.iter().filter_map(|block| match &block.feed_forward {
+            FeedForward::Peer(peer) => Some(peer),
+            _ => None,
+        })
     }
 }
 

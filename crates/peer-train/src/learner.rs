@@ -11,9 +11,9 @@ use burn::store::RecordError;
 use burn::tensor::{Bytes, Tensor};
 use burn::train::checkpoint::{Checkpoint, Checkpointer, CheckpointerError};
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
-use peer_core::{ExpertTape, Peer, SparseAdamWConfig, SparseAdamWState, TableGradients};
+use peer_core::{ExpertTape, SparseAdamWConfig, SparseAdamWState, TableGradients};
+use peer_model::Transformer;
 use peer_model::checkpoint::write_atomic;
-use peer_model::{FeedForward, Transformer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::LmBatch;
@@ -60,16 +60,14 @@ impl LanguageModel {
     /// clips every other parameter.
     pub fn new(transformer: Transformer, updates: ExpertUpdates, grad_clip_norm: f64) -> Self {
         let sparse =
-            (updates == ExpertUpdates::Sparse && transformer_peers(&transformer).next().is_some()).then(|| {
-                SparseTraining {
-                    optimizer: SparseAdamWConfig::new()
-                        .with_weight_decay(0.0)
-                        .with_grad_clip_norm(Some(grad_clip_norm as f32)),
-                    pending: Arc::default(),
-                }
+            (updates == ExpertUpdates::Sparse && transformer.peer_layers().next().is_some()).then(|| SparseTraining {
+                optimizer: SparseAdamWConfig::new()
+                    .with_weight_decay(0.0)
+                    .with_grad_clip_norm(Some(grad_clip_norm as f32)),
+                pending: Arc::default(),
             });
         let expert_optimizer = match &sparse {
-            Some(s) => transformer_peers(&transformer).map(|p| s.optimizer.init_state(&p.experts)).collect(),
+            Some(s) => transformer.peer_layers().map(|p| s.optimizer.init_state(&p.experts)).collect(),
             None => Vec::new(),
         };
         Self { transformer, expert_optimizer, sparse }
@@ -84,14 +82,6 @@ impl LanguageModel {
             LmOutput { loss: cross_entropy, logits: output.logits, targets: batch.targets, routings: output.routings };
         (loss, item)
     }
-}
-
-/// The PEER layers of `transformer`, in block order.
-fn transformer_peers(transformer: &Transformer) -> impl Iterator<Item = &Peer> {
-    transformer.blocks.iter().filter_map(|block| match &block.feed_forward {
-        FeedForward::Peer(peer) => Some(peer),
-        _ => None,
-    })
 }
 
 impl TrainStep for LanguageModel {
@@ -115,7 +105,9 @@ impl TrainStep for LanguageModel {
         if let Some(sparse) = &self.sparse {
             let pending = std::mem::take(&mut *sparse.pending.lock().unwrap_or_else(|e| e.into_inner()));
             let states = std::mem::take(&mut self.expert_optimizer);
-            self.expert_optimizer = transformer_peers(&self.transformer)
+            self.expert_optimizer = self
+                .transformer
+                .peer_layers()
                 .zip(states)
                 .map(|(peer, state)| {
                     let id = peer.experts.down.id();

@@ -6,7 +6,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use peer_core::{ExpertTape, MoeConfig, MoeRouting, PeerConfig, QueryNorm};
-use peer_model::{FeedForward, FeedForwardConfig, TransformerConfig};
+use peer_model::{FeedForwardConfig, TransformerConfig};
 
 use super::helpers::{D_MODEL, VOCAB, host, tokens};
 
@@ -79,14 +79,7 @@ fn taped_model_gradients_equal_autodiff() {
     let mut taped_grads = tape.backward(loss);
     let taped = taped_grads.params(&model);
 
-    let peers: Vec<_> = model
-        .blocks
-        .iter()
-        .filter_map(|b| match &b.feed_forward {
-            FeedForward::Peer(p) => Some(p),
-            _ => None,
-        })
-        .collect();
+    let peers: Vec<_> = model.peer_layers().collect();
     let tables = peers.iter().flat_map(|p| [p.experts.down.id(), p.experts.up.id()]).collect();
     let mut compare = Compare { dense: &dense, taped: &taped, tables, path: Vec::new(), compared: 0 };
     model.visit(&mut compare);
