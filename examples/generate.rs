@@ -27,7 +27,7 @@ fn main() {
         let ids = tokenizer.encode(&prompt)?;
         let room = model.max_seq_len().saturating_sub(ids.len()).min(80);
         let sampling = SamplingConfig::new().with_temperature(0.8).with_top_p(Some(0.95));
-        Ok(tokenizer.decode(&model.generate(&ids, room, &sampling)?)?)
+        tokenizer.decode(&model.generate(&ids, room, &sampling)?)
     };
     match run() {
         Ok(text) => println!("{prompt}{text}"),

@@ -79,7 +79,9 @@ pub struct PeakMemory {
 }
 
 impl PeakMemory {
-    /// Starts sampling.
+    /// Starts sampling. The process's resident memory includes what its allocator keeps from
+    /// earlier work (see `peer::allocator`): measurements that must not see each other run in
+    /// processes of their own (`bench scaling` does).
     pub fn start() -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();

@@ -172,6 +172,7 @@ pub fn backends(args: &LayerArgs) {
             let peer_forward = |x| peer_eval.forward(x);
             let peer_train = |x| peer_layer.forward(x);
             // (layer, N, FLOPs per token, passes on the plain and the autodiff device)
+            #[allow(clippy::type_complexity)]
             let rows: [(&str, usize, f64, Vec<(&str, Pass, &Device)>); 2] = [
                 (
                     "dense (FLOP-matched)",

@@ -7,6 +7,10 @@ mod models;
 
 use clap::{Parser, Subcommand};
 
+/// The allocator of the `peer` program, so benchmarks measure what it runs.
+#[global_allocator]
+static ALLOCATOR: peer::allocator::MiMalloc = peer::allocator::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "xtask", about = "Project tasks")]
 struct Cli {
@@ -42,6 +46,7 @@ enum Bench {
 }
 
 fn main() {
+    peer::allocator::keep_freed_pages();
     match Cli::parse().task {
         Task::Bench { bench } => match bench {
             Bench::Backends(args) => layers::backends(&args),

@@ -8,13 +8,14 @@ use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::tensor::{Device, Distribution, Tensor};
 use burn::train::TrainStep;
 use clap::Args;
-use peer::core::{DenseFfwConfig, MoeConfig, MoeRouting, PeerConfig, PkmConfig, QueryNorm};
+use peer::core::{DenseFfwConfig, ExpertTape, MoeConfig, MoeRouting, PeerConfig, PkmConfig, QueryNorm};
 use peer::model::{FeedForwardConfig, Transformer, TransformerConfig};
 use peer::train::corpus::{Corpus, bundled_corpus};
 use peer::train::data::LmBatch;
 use peer::train::learner::{ExpertUpdates, LanguageModel};
 use peer::train::tokenizer::TextTokenizer;
 use peer::train::training::{TrainOptions, TrainingConfig, train};
+use serde::{Deserialize, Serialize};
 
 use crate::harness::{
     Chart, ChartSeries, PeakMemory, Repeats, Report, Timing, bench_dir, bytes, draw_charts, si, time,
@@ -249,19 +250,40 @@ pub struct ScalingArgs {
     /// How the expert tables are trained: `sparse`, `dense`, or both (compared side by side).
     #[arg(long, value_delimiter = ',', default_values_t = [String::from("sparse"), String::from("dense")])]
     pub updates: Vec<String>,
+    /// Internal: measure the one configuration given (first root, first mode) in this process
+    /// and print it as JSON. Without it every configuration runs in a child process of its own,
+    /// so that its peak memory is its own (an allocator keeps freed pages for reuse).
+    #[arg(long, hide = true)]
+    pub in_process: bool,
+}
+
+/// One configuration's measurements (a child process prints it as JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct ScalingSample {
+    params: usize,
+    step_s: Vec<f64>,
+    backward_s: f64,
+    optimizer_s: f64,
+    retrieval_s: f64,
+    experts_s: f64,
+    peak_rss_bytes: Option<u64>,
 }
 
 /// Training-step time of a 4-block LM with PEER in the middle block, through the same
 /// `TrainStep::step` + `TrainStep::optimize` calls Burn's `Learner` makes, for each N and each
-/// way of updating the expert tables. Phases: forward+backward and optimizer are timed inside
-/// the step; retrieval and expert compute are timed on their own at the step's shapes (the
-/// PEER block's input), forward and backward; "rest" is the step minus those three.
+/// way of updating the expert tables, each configuration in a process of its own. Phases:
+/// forward+backward and optimizer are timed inside the step; retrieval and expert compute are
+/// timed on their own at the step's shapes (the PEER block's input), forward and backward;
+/// "rest" is the step minus those three.
 pub fn scaling(args: &ScalingArgs) {
-    let Some((_, plain)) = available_devices(std::slice::from_ref(&args.device)).into_iter().next() else {
-        panic!("--device {}: not available in this build or on this machine", args.device);
-    };
-    let device = plain.clone().autodiff();
-    let vocab = 4096;
+    if args.in_process {
+        let Some((_, plain)) = available_devices(std::slice::from_ref(&args.device)).into_iter().next() else {
+            panic!("--device {}: not available in this build or on this machine", args.device);
+        };
+        let sample = measure_scaling(args, &plain.autodiff(), &args.updates[0], args.roots[0]);
+        println!("{}", serde_json::to_string(&sample).expect("serializable"));
+        return;
+    }
     let mut report = Report::new(
         "scaling",
         &[
@@ -285,52 +307,16 @@ pub fn scaling(args: &ScalingArgs) {
     let mut state_line = Vec::new();
     for mode in &args.updates {
         let (mut steps, mut peaks) = (Vec::new(), Vec::new());
-        let updates = match mode.as_str() {
-            "sparse" => ExpertUpdates::Sparse,
-            "dense" => ExpertUpdates::Dense,
-            other => panic!("--updates: `{other}` is neither `sparse` nor `dense`"),
-        };
         let mut first: Option<f64> = None;
         for &root in &args.roots {
-            let peer_config = PeerConfig::new(args.d_model, root * root)
-                .with_heads(args.heads)
-                .with_top_k(args.top_k)
-                .with_key_dim(args.key_dim)
-                .with_query_norm(QueryNorm::BatchNorm);
-            let config = TransformerConfig::dense(vocab, args.d_model, 4, 4, args.seq_len, 4 * args.d_model)
-                .with_middle_block(FeedForwardConfig::Peer(peer_config.clone()));
-            let params = config.cost().params;
+            let sample = scaling_in_child(args, mode, root);
+            let ScalingSample { params, step_s, backward_s, optimizer_s, retrieval_s, experts_s, peak_rss_bytes } =
+                sample;
+            let (retrieval, experts, optimizer, peak) = (retrieval_s, experts_s, optimizer_s, peak_rss_bytes);
             let state = (3 * params * 4) as u64;
-            let memory = PeakMemory::start();
-            device.seed(0);
-            let mut model = LanguageModel::new(config.init(&device), updates, 1.0);
-            let mut optim = AdamWConfig::new().with_grad_clipping(Some(GradientClippingConfig::Norm(1.0))).init();
-            let tokens = || {
-                Tensor::<2>::random([args.batch, args.seq_len], Distribution::Uniform(0.0, vocab as f64), &device).int()
-            };
-            let batch = LmBatch { inputs: tokens(), targets: tokens() };
-            let (mut step_s, mut backward_s, mut optimizer_s) = (Vec::new(), Vec::new(), Vec::new());
-            for run in 0..args.repeats + 1 {
-                device.sync().ok();
-                let start = Instant::now();
-                let output = TrainStep::step(&model, batch.clone());
-                device.sync().ok();
-                let stepped = Instant::now();
-                model = TrainStep::optimize(model, &mut optim, 1e-3.into(), output.grads);
-                device.sync().ok();
-                if run > 0 {
-                    backward_s.push((stepped - start).as_secs_f64());
-                    optimizer_s.push(stepped.elapsed().as_secs_f64());
-                    step_s.push(start.elapsed().as_secs_f64());
-                }
-            }
-            let peak = memory.stop();
-            let (retrieval, experts) = phase_times(&model.transformer, args, &device, updates);
-            drop(model);
             let timing = Timing::from_samples(step_s.clone());
             let step = timing.median_s;
-            let optimizer = Timing::from_samples(optimizer_s).median_s;
-            let rest = (Timing::from_samples(backward_s).median_s - retrieval - experts).max(0.0);
+            let rest = (backward_s - retrieval - experts).max(0.0);
             let ratio = first.map_or(1.0, |f| step / f);
             first.get_or_insert(step);
             let ms = |s: f64| format!("{:.0} ms", 1e3 * s);
@@ -374,7 +360,7 @@ pub fn scaling(args: &ScalingArgs) {
     report.write(serde_json::json!({
         "model": "4 blocks, PEER (BatchNorm queries) in block 2, dense GELU (4·d_model) elsewhere, vocab 4096, AdamW with norm clipping",
         "step": "peer_train::learner::LanguageModel: TrainStep::step then TrainStep::optimize, as Burn's Learner calls them",
-        "phases": "optimizer: timed inside the step; retrieval (query network + product keys, forward and backward) and experts (Eq. 5 forward and backward: sparse = detached blocks with row gradients, dense = autodiff with dense table gradients) timed on their own at the step's shapes; rest = forward+backward minus those two",
+        "phases": "optimizer: timed inside the step; experts (Eq. 5 forward and backward: sparse = Experts::forward_detached/backward_detached with row gradients, the fused host kernels on Flex; dense = autodiff with dense table gradients) and the whole PEER layer as the step runs it (sparse: taped; dense: autodiff) timed on their own at the step's shapes; retrieval = layer minus experts (query network, product keys, router weights); rest = forward+backward minus retrieval and experts",
         "state": "params + AdamW state = 3 × params × 4 bytes (values and two moments; sparse keeps the two moments per table as well)",
     }));
     let title = format!("Training step of a 4-block PEER LM ({tokens_per_step} tokens, {})", args.device);
@@ -394,33 +380,116 @@ pub fn scaling(args: &ScalingArgs) {
     );
 }
 
+/// Runs one configuration of `bench scaling` in a child process (this program with
+/// `--in-process`) and reads its measurements.
+fn scaling_in_child(args: &ScalingArgs, mode: &str, root: usize) -> ScalingSample {
+    let exe = std::env::current_exe().expect("the benchmark's own executable");
+    let output = std::process::Command::new(exe)
+        .args(["bench", "scaling", "--in-process", "--roots", &root.to_string(), "--updates", mode])
+        .args(["--d-model", &args.d_model.to_string(), "--heads", &args.heads.to_string()])
+        .args(["--top-k", &args.top_k.to_string(), "--key-dim", &args.key_dim.to_string()])
+        .args(["--batch", &args.batch.to_string(), "--seq-len", &args.seq_len.to_string()])
+        .args(["--repeats", &args.repeats.to_string(), "--device", &args.device])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("the benchmark can run itself");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    match stdout.lines().rev().find_map(|line| serde_json::from_str(line).ok()) {
+        Some(sample) if output.status.success() => sample,
+        _ => panic!("bench scaling, {mode} updates, N = {root}²: the measuring process failed ({})", output.status),
+    }
+}
+
+/// Trains a few steps of one configuration and measures them (see [`scaling`]).
+fn measure_scaling(args: &ScalingArgs, device: &Device, mode: &str, root: usize) -> ScalingSample {
+    let vocab = 4096;
+    let updates = match mode {
+        "sparse" => ExpertUpdates::Sparse,
+        "dense" => ExpertUpdates::Dense,
+        other => panic!("--updates: `{other}` is neither `sparse` nor `dense`"),
+    };
+    let peer_config = PeerConfig::new(args.d_model, root * root)
+        .with_heads(args.heads)
+        .with_top_k(args.top_k)
+        .with_key_dim(args.key_dim)
+        .with_query_norm(QueryNorm::BatchNorm);
+    let config = TransformerConfig::dense(vocab, args.d_model, 4, 4, args.seq_len, 4 * args.d_model)
+        .with_middle_block(FeedForwardConfig::Peer(peer_config));
+    let params = config.cost().params;
+    let memory = PeakMemory::start();
+    device.seed(0);
+    let mut model = LanguageModel::new(config.init(device), updates, 1.0);
+    let mut optim = AdamWConfig::new().with_grad_clipping(Some(GradientClippingConfig::Norm(1.0))).init();
+    let tokens =
+        || Tensor::<2>::random([args.batch, args.seq_len], Distribution::Uniform(0.0, vocab as f64), device).int();
+    let batch = LmBatch { inputs: tokens(), targets: tokens() };
+    let (mut step_s, mut backward_s, mut optimizer_s) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..args.repeats + 1 {
+        device.sync().ok();
+        let start = Instant::now();
+        let output = TrainStep::step(&model, batch.clone());
+        device.sync().ok();
+        let stepped = Instant::now();
+        model = TrainStep::optimize(model, &mut optim, 1e-3.into(), output.grads);
+        device.sync().ok();
+        if run > 0 {
+            backward_s.push((stepped - start).as_secs_f64());
+            optimizer_s.push(stepped.elapsed().as_secs_f64());
+            step_s.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let peak_rss_bytes = memory.stop();
+    let (retrieval_s, experts_s) = phase_times(&model.transformer, args, device, updates);
+    ScalingSample {
+        params,
+        step_s,
+        backward_s: Timing::from_samples(backward_s).median_s,
+        optimizer_s: Timing::from_samples(optimizer_s).median_s,
+        retrieval_s,
+        experts_s,
+        peak_rss_bytes,
+    }
+}
+
 /// Retrieval and expert-compute times (forward and backward) of the PEER block at the step's
-/// shapes.
+/// shapes, through the step's own code paths. Experts: Eq. 5 forward and backward alone
+/// (sparse: `Experts::forward_detached` / `backward_detached`, the host kernels on Flex; dense:
+/// autodiff with dense table gradients). Retrieval (query network, product keys, router
+/// weights): the whole layer as the step runs it (sparse: taped; dense: autodiff) minus the
+/// experts.
 fn phase_times(model: &Transformer, args: &ScalingArgs, device: &Device, updates: ExpertUpdates) -> (f64, f64) {
     let peer = model.peer_layers().next().expect("a PEER block");
     let x = Tensor::<3>::random([args.batch, args.seq_len, args.d_model], Distribution::Normal(0.0, 1.0), device)
         .require_grad();
     let repeats = Repeats { warmup: 1, timed: args.repeats };
-    let retrieval = time(device, repeats, || {
-        let routing = peer.route(x.clone());
-        let _ = routing.router_weights.sum().backward();
-    });
     let routing = peer.route(x.clone());
     let tokens = args.batch * args.seq_len;
     let m = args.heads * args.top_k;
     let ids = routing.expert_ids.inner().reshape([tokens, m]);
     let weights = routing.router_weights.inner().reshape([tokens, m]);
     let x2 = x.clone().inner().reshape([tokens, args.d_model]);
-    let experts = match updates {
-        ExpertUpdates::Sparse => time(device, repeats, || {
-            let y = peer.experts.forward_detached(x2.clone(), ids.clone(), weights.clone());
-            let _ = peer.experts.backward_detached(x2.clone(), ids.clone(), weights.clone(), y);
-        }),
-        ExpertUpdates::Dense => time(device, repeats, || {
-            let x = Tensor::from_inner(x2.clone()).require_grad();
-            let w = Tensor::from_inner(weights.clone()).require_grad();
-            let _ = peer.experts.forward(x, ids.clone(), w).sum().backward();
-        }),
+    let (layer, experts) = match updates {
+        ExpertUpdates::Sparse => (
+            time(device, repeats, || {
+                let mut tape = ExpertTape::new();
+                let (y, _) = peer.forward_taped(x.clone(), &mut tape);
+                let _ = tape.backward(y.sum());
+            }),
+            time(device, repeats, || {
+                let y = peer.experts.forward_detached(x2.clone(), ids.clone(), weights.clone());
+                let _ = peer.experts.backward_detached(x2.clone(), ids.clone(), weights.clone(), y);
+            }),
+        ),
+        ExpertUpdates::Dense => (
+            time(device, repeats, || {
+                let _ = peer.forward(x.clone()).sum().backward();
+            }),
+            time(device, repeats, || {
+                let x = Tensor::from_inner(x2.clone()).require_grad();
+                let w = Tensor::from_inner(weights.clone()).require_grad();
+                let _ = peer.experts.forward(x, ids.clone(), w).sum().backward();
+            }),
+        ),
     };
-    (retrieval.median_s, experts.median_s)
+    ((layer.median_s - experts.median_s).max(0.0), experts.median_s)
 }

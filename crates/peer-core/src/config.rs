@@ -187,7 +187,7 @@ pub(crate) fn validate_product_keys(num_experts: usize, top_k: usize, key_dim: u
         ));
     }
     positive("key_dim", key_dim)?;
-    if key_dim % 2 != 0 {
+    if !key_dim.is_multiple_of(2) {
         return Err(ConfigError::new(
             "key_dim",
             format!("must be even (a query is split into two halves), got {key_dim}"),

@@ -4,7 +4,9 @@
 //! - [`Experts::forward`] is differentiable: autodiff writes a dense `[N, d_model]` gradient for
 //!   each table (Burn's gather backward), and a standard optimizer updates every row.
 //! - [`Experts::forward_detached`] and [`Experts::backward_detached`] compute Eq. 5 and its
-//!   gradients by hand, in token blocks of bounded size, re-gathering the rows in backward
+//!   gradients by hand: on Flex with fused host kernels that visit the retrieved experts one by
+//!   one (each row read once per step, nothing `[slots, d_model]` wide materialized); on other
+//!   devices with tensor ops in token blocks of bounded size, re-gathering the rows in backward
 //!   instead of keeping them. The table gradients come back as [`RowGradients`]: one row per
 //!   expert the step retrieved. [`ExpertTape`](crate::ExpertTape) wires them into autodiff and
 //!   [`SparseAdamWConfig`](crate::SparseAdamWConfig) applies them.
@@ -15,6 +17,7 @@ use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor};
 
 use crate::activation::{gelu, gelu_derivative};
 use crate::config::Activation;
+use crate::host;
 use crate::table::{ExpertTable, GPU_BLOCK_BYTES, TableRows, block_rows};
 use crate::topk::is_cpu_backend;
 
@@ -217,15 +220,19 @@ impl Experts {
         (detached_block_bytes(device) / (m * d_model * 4)).max(1)
     }
 
-    /// Eq. 5 like [`forward`](Self::forward), computed without autodiff in token blocks whose
-    /// gathered rows (`[block, m, d_model]`, 8 MiB on CPU, 64 MiB on GPU backends) are freed
-    /// before the next block. Inputs may live on an autodiff device; the output does not.
+    /// Eq. 5 like [`forward`](Self::forward), computed without autodiff. On Flex (f32) by the
+    /// fused host kernel, expert by expert; elsewhere in token blocks whose gathered rows
+    /// (`[block, m, d_model]`, 8 MiB on CPU, 64 MiB on GPU backends) are freed before the next
+    /// block. Inputs may live on an autodiff device; the output does not.
     ///
     /// # Shapes
     /// - `x`: `[tokens, d_model]`, `expert_ids`, `router_weights`: `[tokens, m]`
     /// - output: `[tokens, d_model]`
     pub fn forward_detached(&self, x: Tensor<2>, expert_ids: Tensor<2, Int>, router_weights: Tensor<2>) -> Tensor<2> {
         let (x, expert_ids, router_weights) = (x.inner(), expert_ids.inner(), router_weights.inner());
+        if let Some(output) = host::experts_forward(self, &x, &expert_ids, &router_weights) {
+            return output;
+        }
         let [_, m] = expert_ids.dims();
         let chunk = self.detached_chunk(&x.device(), m);
         let (down, up) = (self.down.rows().inner(), self.up.rows().inner());
@@ -237,8 +244,10 @@ impl Experts {
     ///
     /// With `a = u·x`, `h = g σ(a)`, `y = Σ h v` (per token, over its m retrieved experts):
     /// `dv = h dy`, `dh = v·dy`, `dg = σ(a) dh`, `da = g σ'(a) dh`, `du = da x`,
-    /// `dx = Σ da u`. Rows are gathered again block by block (nothing from the forward pass is
-    /// kept), and slot gradients are summed per distinct expert with `select_assign`.
+    /// `dx = Σ da u`. Nothing from the forward pass is kept. On Flex the host kernel visits the
+    /// distinct experts in increasing id order and sums each one's slots into its gradient rows
+    /// directly; elsewhere rows are gathered again block by block and slot gradients are summed
+    /// per distinct expert with `select_assign`.
     ///
     /// # Shapes
     /// - `x`, `grad_output`: `[tokens, d_model]`; `expert_ids`, `router_weights`: `[tokens, m]`
@@ -251,6 +260,9 @@ impl Experts {
     ) -> ExpertGradients {
         let (x, expert_ids) = (x.inner(), expert_ids.inner());
         let (router_weights, grad_output) = (router_weights.inner(), grad_output.inner());
+        if let Some(grads) = host::experts_backward(self, &x, &expert_ids, &router_weights, &grad_output) {
+            return grads;
+        }
         let [tokens, d_model] = x.dims();
         let [_, m] = expert_ids.dims();
         let device = x.device();

@@ -8,6 +8,7 @@ use crate::config::{Gate, PeerConfig};
 use crate::cost::{LayerCost, retrieval_cost};
 use crate::error::ConfigError;
 use crate::experts::Experts;
+use crate::host::{self, HostPeer, HostValues, KeyLayout};
 use crate::product_keys::{ProductKeys, ProductKeysConfig};
 use crate::query::{QueryNetwork, QueryNetworkSettings};
 use crate::tape::ExpertTape;
@@ -137,6 +138,10 @@ impl Peer {
 
     /// Applies the layer and also returns what it retrieved.
     ///
+    /// On an autodiff device the output is differentiable everywhere (the expert tables get
+    /// dense gradients; see [`forward_taped`](Self::forward_taped) for row-sparse ones). On plain
+    /// Flex the fused host kernels compute it.
+    ///
     /// # Shapes
     /// - `x`: `[batch, seq, d_model]`
     /// - output: `([batch, seq, d_model], routing [batch, seq, heads, k])`
@@ -144,8 +149,13 @@ impl Peer {
         let [batch, seq, d_model] = x.dims();
         let tokens = batch * seq;
         let x = x.reshape([tokens, d_model]);
-
-        let (expert_ids, router_weights) = self.route_tokens(x.clone());
+        let queries = self.query.forward(x.clone());
+        if !x.is_autodiff()
+            && let Some(done) = self.forward_host(x.clone(), queries.clone(), [batch, seq], None)
+        {
+            return done;
+        }
+        let (expert_ids, router_weights) = self.route_queries(queries);
         let [_, heads, k] = expert_ids.dims();
         let output = self.experts.forward(
             x,
@@ -175,7 +185,11 @@ impl Peer {
         let [batch, seq, d_model] = x.dims();
         let tokens = batch * seq;
         let x = x.reshape([tokens, d_model]);
-        let (expert_ids, router_weights) = self.route_tokens(x.clone());
+        let queries = self.query.forward(x.clone());
+        if let Some(done) = self.forward_host(x.clone(), queries.clone(), [batch, seq], Some(&mut *tape)) {
+            return done;
+        }
+        let (expert_ids, router_weights) = self.route_queries(queries);
         let [_, heads, k] = expert_ids.dims();
         let ids = expert_ids.clone().reshape([tokens, heads * k]);
         let weights = router_weights.clone().reshape([tokens, heads * k]);
@@ -186,6 +200,54 @@ impl Peer {
             router_weights: router_weights.reshape([batch, seq, heads, k]),
         };
         (output, routing)
+    }
+
+    /// Retrieval, router weights and experts by the fused host kernels of the Flex backend,
+    /// recorded on `tape` when given (its backward then runs the kernels' vector-Jacobian
+    /// products and resumes autodiff at the queries and sub-keys). `None` (nothing done) on
+    /// other devices or for tensors that are not f32.
+    ///
+    /// # Shapes
+    /// - `x`: `[tokens, d_model]`, `queries`: `[tokens, heads, key_dim]`
+    /// - output: `([batch, seq, d_model], routing [batch, seq, heads, k])`
+    fn forward_host(
+        &self,
+        x: Tensor<2>,
+        queries: Tensor<3>,
+        [batch, seq]: [usize; 2],
+        tape: Option<&mut ExpertTape>,
+    ) -> Option<(Tensor<3>, PeerRouting)> {
+        if !host::is_flex(&x.device()) {
+            return None;
+        }
+        let [tokens, d_model] = x.dims();
+        let [_, heads, key_dim] = queries.dims();
+        let sub_keys = self.product_keys.sub_keys.val();
+        let layout = KeyLayout {
+            tokens,
+            heads,
+            key_dim,
+            key_sets: sub_keys.dims()[0],
+            root: self.product_keys.num_sub_keys(),
+            top_k: self.product_keys.top_k,
+        };
+        let (output, routing) = {
+            // The views borrow the tables: they are dropped before anything could update them.
+            let layer = HostPeer::of(&self.experts, &sub_keys, self.gate)?;
+            layer.forward(&HostValues::of(&x)?, &HostValues::of(&queries)?, layout)
+        };
+        let device = x.device();
+        let (expert_ids, router_weights) = routing.tensors(&device);
+        let routing_tensors = PeerRouting {
+            expert_ids: expert_ids.reshape([batch, seq, heads, layout.top_k]),
+            router_weights: router_weights.reshape([batch, seq, heads, layout.top_k]),
+        };
+        let output = host::tensor(output, [batch, seq, d_model], &device);
+        let output = match tape {
+            Some(tape) => tape.record_host(&self.experts, x, queries, sub_keys, routing, output),
+            None => output,
+        };
+        Some((output, routing_tensors))
     }
 
     /// The experts each token retrieves and their router weights, without computing them.
@@ -205,7 +267,12 @@ impl Peer {
 
     /// Retrieval and router weights: `(expert_ids [tokens, heads, k], g [tokens, heads, k])`.
     fn route_tokens(&self, x: Tensor<2>) -> (Tensor<3, Int>, Tensor<3>) {
-        let (scores, expert_ids) = self.product_keys.retrieve(self.query.forward(x));
+        self.route_queries(self.query.forward(x))
+    }
+
+    /// [`route_tokens`](Self::route_tokens) from the queries `[tokens, heads, key_dim]`.
+    fn route_queries(&self, queries: Tensor<3>) -> (Tensor<3, Int>, Tensor<3>) {
+        let (scores, expert_ids) = self.product_keys.retrieve(queries);
         let router_weights = match self.gate {
             Gate::Softmax => softmax(scores, 2),
             Gate::Sigmoid => sigmoid(scores),

@@ -6,6 +6,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 use crate::config::{exact_sqrt, positive, validate_product_keys};
 use crate::error::ConfigError;
+use crate::host::{self, HostValues, KeyLayout};
 use crate::topk::{returns_sorted, top_k_indices};
 
 /// Configuration of [`ProductKeys`].
@@ -114,6 +115,11 @@ impl ProductKeys {
             2 * half
         );
         let k = self.top_k;
+        if !queries.is_autodiff()
+            && let Some(found) = self.retrieve_host(&queries)
+        {
+            return found;
+        }
 
         // Scores of each query half against its sub-key set: [tokens, heads, √N] twice.
         let scores_1 = self.half_scores(queries.clone().narrow(2, 0, half), 0);
@@ -145,6 +151,23 @@ impl ProductKeys {
 
         let best = top_k_indices(candidate_scores.clone(), k);
         (candidate_scores.gather(2, best.clone()), candidate_ids.gather(2, best))
+    }
+
+    /// [`retrieve`](Self::retrieve) by the fused host kernel on Flex (the same top-k, ties
+    /// included); `None` on other devices.
+    fn retrieve_host(&self, queries: &Tensor<3>) -> Option<(Tensor<3>, Tensor<3, Int>)> {
+        let [tokens, heads, key_dim] = queries.dims();
+        let sub_keys = self.sub_keys.val();
+        let layout = KeyLayout {
+            tokens,
+            heads,
+            key_dim,
+            key_sets: sub_keys.dims()[0],
+            root: self.num_sub_keys(),
+            top_k: self.top_k,
+        };
+        let (queries_host, keys_host) = (HostValues::of(queries)?, HostValues::of(&sub_keys)?);
+        Some(host::retrieve(&queries_host, &keys_host, layout, &queries.device()))
     }
 
     /// `q_half · C_half` for every token and head.

@@ -132,6 +132,13 @@ impl ExpertTable {
         self.with(|blocks| TableRows::of(blocks, |p| p.val()))
     }
 
+    /// The blocks' values without autodiff, and the rows per block (all but the last block
+    /// hold exactly that many).
+    pub(crate) fn values_in_blocks(&self) -> (Vec<Tensor<2>>, usize) {
+        let rows = self.with(|blocks| TableRows::of(blocks, |p| p.val().inner()));
+        (rows.blocks, rows.rows_per_block)
+    }
+
     /// Number of row blocks.
     pub fn num_blocks(&self) -> usize {
         self.with(|blocks| blocks.len())

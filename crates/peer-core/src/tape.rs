@@ -35,6 +35,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Gradients, Int, Tensor};
 
 use crate::experts::{Experts, RowGradients};
+use crate::host::{HostPeer, HostRouting, HostValues};
 
 /// Records the PEER layers computed without autodiff and the tensors cut around them.
 #[derive(Debug, Default)]
@@ -47,13 +48,32 @@ struct Stage {
     experts: Experts,
     /// The tracked input of the expert computation, `[tokens, d_model]`.
     x: Tensor<2>,
-    /// The tracked router weights, `[tokens, m]`.
-    router_weights: Tensor<2>,
-    expert_ids: Tensor<2, Int>,
+    routing: StageRouting,
     /// The leaf handed downstream, `[batch, seq, d_model]`.
     output: Tensor<3>,
     /// (tracked tensor, the leaf that replaced it downstream).
     cuts: Vec<(Tensor<3>, Tensor<3>)>,
+}
+
+/// How a stage's experts were chosen, and so how its backward pass runs.
+#[derive(Debug)]
+enum StageRouting {
+    /// Retrieval in the autodiff graph up to the tracked router weights; the experts by
+    /// tensor ops ([`Experts::backward_detached`]).
+    Tensors {
+        /// The tracked router weights, `[tokens, m]`.
+        router_weights: Tensor<2>,
+        expert_ids: Tensor<2, Int>,
+    },
+    /// Retrieval, router weights and experts by the Flex host kernels; the graph resumes at
+    /// the tracked queries and sub-keys.
+    Host {
+        /// `[tokens, heads, key_dim]`.
+        queries: Tensor<3>,
+        /// The layer's sub-keys, `[key_sets, 2, √N, key_dim / 2]`.
+        sub_keys: Tensor<4>,
+        routing: Box<HostRouting>,
+    },
 }
 
 /// The retrieved-row gradients of one taped layer, and which tables they belong to.
@@ -117,15 +137,25 @@ impl ExpertTape {
         router_weights: Tensor<2>,
         output: Tensor<3>,
     ) -> Tensor<3> {
+        self.push(experts, x, StageRouting::Tensors { router_weights, expert_ids }, output)
+    }
+
+    /// Records a layer computed by the host kernels and returns its output as a new leaf.
+    pub(crate) fn record_host(
+        &mut self,
+        experts: &Experts,
+        x: Tensor<2>,
+        queries: Tensor<3>,
+        sub_keys: Tensor<4>,
+        routing: HostRouting,
+        output: Tensor<3>,
+    ) -> Tensor<3> {
+        self.push(experts, x, StageRouting::Host { queries, sub_keys, routing: Box::new(routing) }, output)
+    }
+
+    fn push(&mut self, experts: &Experts, x: Tensor<2>, routing: StageRouting, output: Tensor<3>) -> Tensor<3> {
         let output = Tensor::from_inner(output).require_grad();
-        self.stages.push(Stage {
-            experts: experts.clone(),
-            x,
-            router_weights,
-            expert_ids,
-            output: output.clone(),
-            cuts: Vec::new(),
-        });
+        self.stages.push(Stage { experts: experts.clone(), x, routing, output: output.clone(), cuts: Vec::new() });
         output
     }
 
@@ -166,23 +196,48 @@ impl ExpertTape {
                     add((tracked * grad).sum());
                 }
             }
-            let expert_grads = stage.experts.backward_detached(
-                stage.x.clone(),
-                stage.expert_ids,
-                stage.router_weights.clone(),
-                grad_output.reshape([batch * seq, d_model]),
-            );
-            if stage.x.is_tracked() {
-                add((stage.x * expert_grads.x).sum());
-            }
-            if stage.router_weights.is_tracked() {
-                add((stage.router_weights * expert_grads.router_weights).sum());
-            }
-            rows.push(TableGradients {
-                down: stage.experts.down.id(),
-                up: stage.experts.up.id(),
-                rows: expert_grads.rows,
-            });
+            let grad_output = grad_output.reshape([batch * seq, d_model]);
+            let table_rows = match stage.routing {
+                StageRouting::Tensors { router_weights, expert_ids } => {
+                    let grads = stage.experts.backward_detached(
+                        stage.x.clone(),
+                        expert_ids,
+                        router_weights.clone(),
+                        grad_output,
+                    );
+                    if stage.x.is_tracked() {
+                        add((stage.x * grads.x).sum());
+                    }
+                    if router_weights.is_tracked() {
+                        add((router_weights * grads.router_weights).sum());
+                    }
+                    grads.rows
+                }
+                StageRouting::Host { queries, sub_keys, routing } => {
+                    let device = stage.x.device();
+                    let view = |t: &Tensor<2>| HostValues::of(t).expect("recorded from Flex f32 tensors");
+                    let grads = HostPeer::of(&stage.experts, &sub_keys, routing.gate())
+                        .expect("recorded from Flex f32 tensors")
+                        .backward(
+                            &view(&stage.x),
+                            &HostValues::of(&queries).expect("recorded from Flex f32 tensors"),
+                            &routing,
+                            &view(&grad_output),
+                            &device,
+                        );
+                    if stage.x.is_tracked() {
+                        add((stage.x * grads.x).sum());
+                    }
+                    if queries.is_tracked() {
+                        add((queries * grads.queries).sum());
+                    }
+                    if sub_keys.is_tracked() {
+                        add((sub_keys * grads.sub_keys).sum());
+                    }
+                    grads.rows
+                }
+            };
+            rows.push(TableGradients { down: stage.experts.down.id(), up: stage.experts.up.id(), rows: table_rows });
             if let Some(surrogate) = surrogate {
                 segments.push(surrogate.backward());
             }

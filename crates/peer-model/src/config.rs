@@ -162,7 +162,7 @@ impl TransformerConfig {
                 return Err(ConfigError::new(field, "must be at least 1, got 0"));
             }
         }
-        if self.d_model % self.num_heads != 0 || (self.d_model / self.num_heads) % 2 != 0 {
+        if !self.d_model.is_multiple_of(self.num_heads) || !(self.d_model / self.num_heads).is_multiple_of(2) {
             return Err(ConfigError::new(
                 "num_heads",
                 format!(

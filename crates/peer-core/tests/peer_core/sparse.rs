@@ -4,8 +4,10 @@
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use peer_core::{ExpertTape, Peer, PeerConfig, QueryNorm, RowGradients, SparseAdamWConfig, touched_rows};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use peer_core::{
+    Activation, ExpertTape, Gate, Peer, PeerConfig, QueryNorm, RowGradients, SparseAdamWConfig, touched_rows,
+};
 
 use super::backends::wgpu_device;
 use super::reference::{Rng, host, host_int, randomize_weights, relative_error, tensor};
@@ -41,69 +43,112 @@ fn loss(x: Tensor<3>, y: Tensor<3>, weights: &Tensor<3>) -> Tensor<1> {
     ((x.clone() + y) * weights.clone()).tanh().sum() + x.powi_scalar(2).sum() * 0.1
 }
 
-/// Every gradient through the tape equals autodiff's on the same computation: input, query
-/// network, sub-keys, BatchNorm, and the dense table gradients on the retrieved rows (zero
-/// elsewhere).
+/// Every gradient through the tape equals autodiff's on the same computation (on Flex the tape
+/// runs the host kernels, on wgpu tensor ops).
 #[test]
 fn taped_gradients_equal_autodiff() {
     for (name, base) in devices() {
         let device = base.autodiff();
         let mut rng = Rng::new(7);
         let peer = layer(&device, &mut rng);
-        let shape = [3, 5, D_MODEL];
-        let values = rng.normals(15 * D_MODEL, 1.0);
-        let weights = tensor(rng.normals(15 * D_MODEL, 1.0), shape, &device);
+        assert_taped_equals_autodiff(name, &peer, &device, [3, 5, D_MODEL], &mut rng);
+    }
+}
 
-        let x_dense = tensor(values.clone(), shape, &device).require_grad();
-        let (y, _) = peer.forward_with_routing(x_dense.clone());
-        let dense = loss(x_dense.clone(), y, &weights).backward();
+/// The Flex host kernels where they split their work: more than one retrieval block (over 128
+/// query rows), several expert ranges per thread, per-head keys, tables in row blocks, both
+/// gates and activations. Output and gradients through the tape (host kernels) equal autodiff
+/// over the tensor path.
+#[test]
+fn host_kernels_equal_autodiff_at_larger_sizes() {
+    let device = Device::flex().autodiff();
+    let mut rng = Rng::new(21);
+    let cases = [
+        (Activation::Gelu, Gate::Softmax, true, QueryNorm::BatchNorm, None),
+        (Activation::Relu, Gate::Sigmoid, false, QueryNorm::LayerNorm, Some(100 * 16 * 4)),
+        (Activation::Gelu, Gate::Sigmoid, true, QueryNorm::None, Some(333 * 16 * 4)),
+    ];
+    for (activation, gate, shared, norm, block_bytes) in cases {
+        let mut peer = PeerConfig::new(16, 32 * 32)
+            .with_heads(4)
+            .with_top_k(6)
+            .with_key_dim(12)
+            .with_activation(activation)
+            .with_gate(gate)
+            .with_shared_keys(shared)
+            .with_query_norm(norm)
+            .with_table_block_bytes(block_bytes)
+            .init(&device);
+        randomize_weights(&mut peer, &mut rng);
+        let name = format!("{activation:?}, {gate:?}, shared keys {shared}, {norm:?}, blocks {block_bytes:?}");
+        assert_taped_equals_autodiff(&name, &peer, &device, [3, 70, 16], &mut rng);
+    }
+}
 
-        let x_taped = tensor(values, shape, &device).require_grad();
-        let mut tape = ExpertTape::new();
-        let (y, routing) = peer.forward_taped(x_taped.clone(), &mut tape);
-        let residual = tape.cut(x_taped.clone());
-        let taped = tape.backward(loss(residual, y, &weights));
+/// Output and every gradient through the tape equal autodiff's on the same computation:
+/// input, query network, sub-keys, norm, and the dense table gradients on the retrieved rows
+/// (zero elsewhere).
+fn assert_taped_equals_autodiff(name: &str, peer: &Peer, device: &Device, shape: [usize; 3], rng: &mut Rng) {
+    let [batch, seq, d_model] = shape;
+    let values = rng.normals(batch * seq * d_model, 1.0);
+    let weights = tensor(rng.normals(batch * seq * d_model, 1.0), shape, device);
 
-        let close = |what: &str, a: Vec<f64>, b: Vec<f64>| {
-            let err = relative_error(&a, &b);
-            assert!(err < 1e-5, "{name}: {what}: relative error {err}");
-        };
-        close("dL/dx", host(&taped.grad(&x_taped).unwrap()), host(&x_dense.grad(&dense).unwrap()));
-        close(
-            "query weight",
-            host(&taped.grad(&peer.query.linear.weight.val()).unwrap()),
-            host(&peer.query.linear.weight.grad(&dense).unwrap()),
-        );
-        close(
-            "sub-keys",
-            host(&taped.grad(&peer.product_keys.sub_keys.val()).unwrap()),
-            host(&peer.product_keys.sub_keys.grad(&dense).unwrap()),
-        );
-        let bn = peer.query.batch_norm.as_ref().unwrap();
+    let x_dense = tensor(values.clone(), shape, device).require_grad();
+    let (y_dense, _) = peer.forward_with_routing(x_dense.clone());
+    let y_dense_values = host(&y_dense);
+    let dense = loss(x_dense.clone(), y_dense, &weights).backward();
+
+    let x_taped = tensor(values, shape, device).require_grad();
+    let mut tape = ExpertTape::new();
+    let (y, routing) = peer.forward_taped(x_taped.clone(), &mut tape);
+    let y_taped_values = host(&y);
+    let residual = tape.cut(x_taped.clone());
+    let taped = tape.backward(loss(residual, y, &weights));
+
+    let close = |what: &str, a: Vec<f64>, b: Vec<f64>| {
+        let err = relative_error(&a, &b);
+        assert!(err < 1e-5, "{name}: {what}: relative error {err}");
+    };
+    close("output", y_taped_values, y_dense_values);
+    close("dL/dx", host(&taped.grad(&x_taped).unwrap()), host(&x_dense.grad(&dense).unwrap()));
+    close(
+        "query weight",
+        host(&taped.grad(&peer.query.linear.weight.val()).unwrap()),
+        host(&peer.query.linear.weight.grad(&dense).unwrap()),
+    );
+    close(
+        "sub-keys",
+        host(&taped.grad(&peer.product_keys.sub_keys.val()).unwrap()),
+        host(&peer.product_keys.sub_keys.grad(&dense).unwrap()),
+    );
+    if let Some(bn) = peer.query.batch_norm.as_ref() {
         close("BatchNorm γ", host(&taped.grad(&bn.gamma.val()).unwrap()), host(&bn.gamma.grad(&dense).unwrap()));
-        assert!(taped.grad(&peer.experts.down.val()).is_none(), "{name}: taped tables must get no dense gradient");
+    }
+    if let Some(ln) = peer.query.layer_norm.as_ref() {
+        close("LayerNorm γ", host(&taped.grad(&ln.gamma.val()).unwrap()), host(&ln.gamma.grad(&dense).unwrap()));
+    }
+    assert!(taped.grad(&peer.experts.down.val()).is_none(), "{name}: taped tables must get no dense gradient");
 
-        let [table_rows] = &taped.rows[..] else { panic!("{name}: one layer taped") };
-        assert_eq!(table_rows.down, peer.experts.down.id());
-        let ids = host_int(&table_rows.rows.ids);
-        let retrieved: std::collections::BTreeSet<i64> = host_int(&routing.expert_ids).into_iter().collect();
-        assert_eq!(ids, retrieved.into_iter().collect::<Vec<_>>(), "{name}: rows = the retrieved experts");
-        for (table, rows) in [(&peer.experts.down, &table_rows.rows.down), (&peer.experts.up, &table_rows.rows.up)] {
-            let full = host(&table.grad(&dense).unwrap());
-            let rows = host(rows);
-            let mut expected = Vec::new();
-            for (row, _) in full.chunks(D_MODEL).enumerate().filter(|(row, _)| ids.contains(&(*row as i64))) {
-                expected.extend_from_slice(&full[row * D_MODEL..(row + 1) * D_MODEL]);
-            }
-            close("table rows", rows, expected);
-            let untouched: f64 = full
-                .chunks(D_MODEL)
-                .enumerate()
-                .filter(|(row, _)| !ids.contains(&(*row as i64)))
-                .flat_map(|(_, r)| r.iter().map(|v| v.abs()))
-                .sum();
-            assert_eq!(untouched, 0.0, "{name}: dense gradient outside the retrieved rows");
+    let [table_rows] = &taped.rows[..] else { panic!("{name}: one layer taped") };
+    assert_eq!(table_rows.down, peer.experts.down.id());
+    let ids = host_int(&table_rows.rows.ids);
+    let retrieved: std::collections::BTreeSet<i64> = host_int(&routing.expert_ids).into_iter().collect();
+    assert_eq!(ids, retrieved.into_iter().collect::<Vec<_>>(), "{name}: rows = the retrieved experts");
+    for (table, rows) in [(&peer.experts.down, &table_rows.rows.down), (&peer.experts.up, &table_rows.rows.up)] {
+        let full = host(&table.grad(&dense).unwrap());
+        let rows = host(rows);
+        let mut expected = Vec::new();
+        for (row, _) in full.chunks(d_model).enumerate().filter(|(row, _)| ids.contains(&(*row as i64))) {
+            expected.extend_from_slice(&full[row * d_model..(row + 1) * d_model]);
         }
+        close("table rows", rows, expected);
+        let untouched: f64 = full
+            .chunks(d_model)
+            .enumerate()
+            .filter(|(row, _)| !ids.contains(&(*row as i64)))
+            .flat_map(|(_, r)| r.iter().map(|v| v.abs()))
+            .sum();
+        assert_eq!(untouched, 0.0, "{name}: dense gradient outside the retrieved rows");
     }
 }
 
@@ -127,33 +172,21 @@ fn touched_rows_are_the_distinct_ids() {
     }
 }
 
-/// From the same state, one lazy step equals Burn's dense AdamW (with weight decay and norm
-/// clipping) on the touched rows within 1e-6; untouched rows and their moments do not move.
+/// From the same state and the same gradients, one lazy step equals Burn's dense AdamW (with
+/// weight decay and norm clipping) on the touched rows within 1e-6; untouched rows and their
+/// moments do not move.
 #[test]
 fn sparse_step_equals_dense_adamw_on_touched_rows() {
     for (name, base) in devices() {
-        let device = base.autodiff();
+        let device = base.clone().autodiff();
         let mut rng = Rng::new(11);
         let peer = layer(&device, &mut rng);
         let x = tensor(rng.normals(20 * D_MODEL, 1.0), [4, 5, D_MODEL], &device);
         let weights = tensor(rng.normals(20 * D_MODEL, 1.0), [4, 5, D_MODEL], &device);
         let (lr, decay, clip) = (0.05, 0.1, 0.5);
 
-        // Dense: autodiff's table gradients through Burn's AdamW.
-        let (y, _) = peer.forward_with_routing(x.clone());
-        let grads = loss(x.clone(), y, &weights).backward();
-        let mut params = GradientsParams::new();
-        for table in [&peer.experts.down, &peer.experts.up] {
-            params.register(table.id(), table.grad(&grads).unwrap());
-        }
-        let mut optim = AdamWConfig::new()
-            .with_weight_decay(decay)
-            .with_grad_clipping(Some(GradientClippingConfig::Norm(clip)))
-            .init();
-        let before = peer.clone().fork(&device);
-        let dense = optim.step(lr, peer, params);
-
         // Sparse: taped row gradients through the lazy AdamW, on an unshared copy.
+        let before = peer.clone().fork(&device);
         let sparse = before.clone().fork(&device);
         let mut tape = ExpertTape::new();
         let (y, _) = sparse.forward_taped(x.clone(), &mut tape);
@@ -164,6 +197,27 @@ fn sparse_step_equals_dense_adamw_on_touched_rows() {
         let state = config.init_state(&sparse.experts);
         let state = config.step(lr, &sparse.experts, state, rows);
         assert_eq!(state.steps(), 1);
+
+        // Dense: the same gradients, scattered into full [N, d_model] tables (zero on the
+        // untouched rows, as autodiff's; `taped_gradients_equal_autodiff` checks that they
+        // are autodiff's), through Burn's AdamW. Feeding both optimizers one gradient keeps
+        // this a test of the update rule: the first AdamW step divides by |g| + ε, which
+        // turns float-rounding differences of tiny gradients into visible ones.
+        let mut params = GradientsParams::new();
+        for (table, row_grads) in [(&peer.experts.down, &rows.down), (&peer.experts.up, &rows.up)] {
+            let full = Tensor::<2>::zeros(table.dims(), &base).select_assign(
+                0,
+                rows.ids.clone(),
+                row_grads.clone(),
+                IndexingUpdateOp::Add,
+            );
+            params.register(table.id(), full);
+        }
+        let mut optim = AdamWConfig::new()
+            .with_weight_decay(decay)
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(clip)))
+            .init();
+        let dense = optim.step(lr, peer, params);
 
         let touched: Vec<usize> = host_int(&rows.ids).into_iter().map(|i| i as usize).collect();
         let tables = [
