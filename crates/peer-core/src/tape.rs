@@ -11,6 +11,10 @@
 //! through the surrogate `Σ x·dL/dx + Σ g·dL/dg + Σ r·dL/dr` (r: the cut tensors), whose
 //! gradient with respect to every earlier parameter is exactly the chain rule's.
 //!
+//! On Flex the taped layer runs retrieval and router weights by hand as well (the fused host
+//! kernels): the graph then resumes at the queries q and the sub-keys K, and the surrogate is
+//! `Σ x·dL/dx + Σ q·dL/dq + Σ K·dL/dK + Σ r·dL/dr`, `dL/dK` nonzero on retrieved sub-keys only.
+//!
 //! ```
 //! use burn::tensor::{Device, Distribution, Tensor};
 //! use peer_core::{ExpertTape, PeerConfig};
