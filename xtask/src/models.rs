@@ -306,13 +306,21 @@ pub fn scaling(args: &ScalingArgs) {
     let (mut step_lines, mut memory_lines) = (Vec::new(), Vec::new());
     let mut state_line = Vec::new();
     for mode in &args.updates {
+        expert_updates(mode); // refuses a bad mode before any child runs
+    }
+    for mode in &args.updates {
         let (mut steps, mut peaks) = (Vec::new(), Vec::new());
         let mut first: Option<f64> = None;
         for &root in &args.roots {
-            let sample = scaling_in_child(args, mode, root);
-            let ScalingSample { params, step_s, backward_s, optimizer_s, retrieval_s, experts_s, peak_rss_bytes } =
-                sample;
-            let (retrieval, experts, optimizer, peak) = (retrieval_s, experts_s, optimizer_s, peak_rss_bytes);
+            let ScalingSample {
+                params,
+                step_s,
+                backward_s,
+                optimizer_s: optimizer,
+                retrieval_s: retrieval,
+                experts_s: experts,
+                peak_rss_bytes: peak,
+            } = scaling_in_child(args, mode, root);
             let state = (3 * params * 4) as u64;
             let timing = Timing::from_samples(step_s.clone());
             let step = timing.median_s;
@@ -400,14 +408,19 @@ fn scaling_in_child(args: &ScalingArgs, mode: &str, root: usize) -> ScalingSampl
     }
 }
 
-/// Trains a few steps of one configuration and measures them (see [`scaling`]).
-fn measure_scaling(args: &ScalingArgs, device: &Device, mode: &str, root: usize) -> ScalingSample {
-    let vocab = 4096;
-    let updates = match mode {
+/// The expert-update mode named by `--updates`.
+fn expert_updates(mode: &str) -> ExpertUpdates {
+    match mode {
         "sparse" => ExpertUpdates::Sparse,
         "dense" => ExpertUpdates::Dense,
         other => panic!("--updates: `{other}` is neither `sparse` nor `dense`"),
-    };
+    }
+}
+
+/// Trains a few steps of one configuration and measures them (see [`scaling`]).
+fn measure_scaling(args: &ScalingArgs, device: &Device, mode: &str, root: usize) -> ScalingSample {
+    let vocab = 4096;
+    let updates = expert_updates(mode);
     let peer_config = PeerConfig::new(args.d_model, root * root)
         .with_heads(args.heads)
         .with_top_k(args.top_k)

@@ -8,7 +8,7 @@ use crate::config::{Gate, PeerConfig};
 use crate::cost::{LayerCost, retrieval_cost};
 use crate::error::ConfigError;
 use crate::experts::Experts;
-use crate::host::{self, HostPeer, HostValues, KeyLayout};
+use crate::host::{self, HostPeer, HostValues};
 use crate::product_keys::{ProductKeys, ProductKeysConfig};
 use crate::query::{QueryNetwork, QueryNetworkSettings};
 use crate::tape::ExpertTape;
@@ -221,16 +221,12 @@ impl Peer {
             return None;
         }
         let [tokens, d_model] = x.dims();
-        let [_, heads, key_dim] = queries.dims();
         let sub_keys = self.product_keys.sub_keys.val();
-        let layout = KeyLayout {
-            tokens,
-            heads,
-            key_dim,
-            key_sets: sub_keys.dims()[0],
-            root: self.product_keys.num_sub_keys(),
-            top_k: self.product_keys.top_k,
-        };
+        let layout = self.product_keys.key_layout(tokens);
+        let (heads, top_k) = (layout.heads, layout.top_k);
+        if queries.dims() != [tokens, heads, layout.key_dim] {
+            return None; // the tensor path's retrieval names the mismatch
+        }
         let (output, routing) = {
             // The views borrow the tables: they are dropped before anything could update them.
             let layer = HostPeer::of(&self.experts, &sub_keys, self.gate)?;
@@ -239,8 +235,8 @@ impl Peer {
         let device = x.device();
         let (expert_ids, router_weights) = routing.tensors(&device);
         let routing_tensors = PeerRouting {
-            expert_ids: expert_ids.reshape([batch, seq, heads, layout.top_k]),
-            router_weights: router_weights.reshape([batch, seq, heads, layout.top_k]),
+            expert_ids: expert_ids.reshape([batch, seq, heads, top_k]),
+            router_weights: router_weights.reshape([batch, seq, heads, top_k]),
         };
         let output = host::tensor(output, [batch, seq, d_model], &device);
         let output = match tape {

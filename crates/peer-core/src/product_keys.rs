@@ -156,18 +156,15 @@ impl ProductKeys {
     /// [`retrieve`](Self::retrieve) by the fused host kernel on Flex (the same top-k, ties
     /// included); `None` on other devices.
     fn retrieve_host(&self, queries: &Tensor<3>) -> Option<(Tensor<3>, Tensor<3, Int>)> {
-        let [tokens, heads, key_dim] = queries.dims();
-        let sub_keys = self.sub_keys.val();
-        let layout = KeyLayout {
-            tokens,
-            heads,
-            key_dim,
-            key_sets: sub_keys.dims()[0],
-            root: self.num_sub_keys(),
-            top_k: self.top_k,
-        };
-        let (queries_host, keys_host) = (HostValues::of(queries)?, HostValues::of(&sub_keys)?);
+        let layout = self.key_layout(queries.dims()[0]);
+        let (queries_host, keys_host) = (HostValues::of(queries)?, HostValues::of(&self.sub_keys.val())?);
         Some(host::retrieve(&queries_host, &keys_host, layout, &queries.device()))
+    }
+
+    /// The sizes the host kernels need to retrieve for `tokens` queries.
+    pub(crate) fn key_layout(&self, tokens: usize) -> KeyLayout {
+        let [key_sets, _, root, half] = self.sub_keys.dims();
+        KeyLayout { tokens, heads: self.heads, key_dim: 2 * half, key_sets, root, top_k: self.top_k }
     }
 
     /// `q_half · C_half` for every token and head.

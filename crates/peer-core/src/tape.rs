@@ -218,17 +218,15 @@ impl ExpertTape {
                     grads.rows
                 }
                 StageRouting::Host { queries, sub_keys, routing } => {
-                    let device = stage.x.device();
-                    let view = |t: &Tensor<2>| HostValues::of(t).expect("recorded from Flex f32 tensors");
-                    let grads = HostPeer::of(&stage.experts, &sub_keys, routing.gate())
-                        .expect("recorded from Flex f32 tensors")
-                        .backward(
-                            &view(&stage.x),
-                            &HostValues::of(&queries).expect("recorded from Flex f32 tensors"),
-                            &routing,
-                            &view(&grad_output),
-                            &device,
-                        );
+                    const RECORDED: &str = "recorded from Flex f32 tensors";
+                    let view = |t: &Tensor<2>| HostValues::of(t).expect(RECORDED);
+                    let grads = HostPeer::of(&stage.experts, &sub_keys, routing.gate()).expect(RECORDED).backward(
+                        &view(&stage.x),
+                        &HostValues::of(&queries).expect(RECORDED),
+                        &routing,
+                        &view(&grad_output),
+                        &stage.x.device(),
+                    );
                     if stage.x.is_tracked() {
                         add((stage.x * grads.x).sum());
                     }

@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::simd::{axpy, dot, multiversion, prefetch};
-use super::zeros;
+use super::{sum_accumulators, zeros};
 use crate::config::Activation;
 
 /// An expert table as host slices: row blocks of `rows_per_block` rows (one block on CPU
@@ -111,20 +111,12 @@ pub(crate) struct Slots<'a> {
 /// `y_t = Σ_j g_tj σ(u_e·x_t) v_e` for every token, `[tokens, d_model]`.
 pub(crate) fn forward(slots: Slots, down: Table, up: Table) -> Vec<f32> {
     let size = slots.x.len();
-    slots
-        .grouped
-        .ranges(parts(size))
-        .into_par_iter()
-        .map(|range| {
-            let mut y = zeros(size);
-            forward_range(slots, down, up, range.start, range.end, &mut y);
-            y
-        })
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        })
-        .unwrap_or_else(|| zeros(size))
+    let outputs = slots.grouped.ranges(parts(size)).into_par_iter().map(|range| {
+        let mut y = zeros(size);
+        forward_range(slots, down, up, range.start, range.end, &mut y);
+        y
+    });
+    sum_accumulators(outputs, size)
 }
 
 multiversion! {
@@ -183,29 +175,13 @@ pub(crate) fn backward(slots: Slots, down: Table, up: Table, grad_output: &[f32]
         work.push((range.clone(), down_part, up_part, g_part));
     }
     let size = slots.x.len();
-    let grad_x = work
-        .into_par_iter()
-        .map(|(range, grad_down, grad_up, grad_g)| {
-            let mut grad_x = zeros(size);
-            backward_range(
-                slots,
-                down,
-                up,
-                grad_output,
-                range.start,
-                range.end,
-                grad_down,
-                grad_up,
-                grad_g,
-                &mut grad_x,
-            );
-            grad_x
-        })
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        })
-        .unwrap_or_else(|| zeros(size));
+    let grad_xs = work.into_par_iter().map(|(range, grad_down, grad_up, grad_g)| {
+        let mut grad_x = zeros(size);
+        let (start, end) = (range.start, range.end);
+        backward_range(slots, down, up, grad_output, start, end, grad_down, grad_up, grad_g, &mut grad_x);
+        grad_x
+    });
+    let grad_x = sum_accumulators(grad_xs, size);
 
     let mut grad_g = vec![0.0f32; grouped.slots.len()];
     for (&slot, &value) in grouped.slots.iter().zip(&grad_g_grouped) {
@@ -242,13 +218,14 @@ multiversion! {
             for position in grouped.offsets[r] as usize..grouped.offsets[r + 1] as usize {
                 let slot = grouped.slots[position] as usize;
                 let token = slot / per_token;
-                let (x_t, dy_t) = (&x[token * d_model..(token + 1) * d_model], &grad_output[token * d_model..(token + 1) * d_model]);
+                let row = token * d_model..(token + 1) * d_model;
+                let (x_t, dy_t) = (&x[row.clone()], &grad_output[row]);
                 let a = dot(u, x_t);
                 let dh = dot(v, dy_t);
                 let g = router_weights[slot];
-                let sigma = activate(activation, a);
+                let (sigma, slope) = activate_with_derivative(activation, a);
                 grad_g[position - base] = sigma * dh;
-                let da = g * derivative(activation, a) * dh;
+                let da = g * slope * dh;
                 axpy(g * sigma, dy_t, dv);
                 axpy(da, x_t, du);
                 axpy(da, u, &mut grad_x[token * d_model..(token + 1) * d_model]);
@@ -278,20 +255,16 @@ fn activate(activation: Activation, a: f32) -> f32 {
     }
 }
 
-/// σ'(a) (ReLU: 0 at 0, as Burn's).
+/// `(σ(a), σ'(a))`, with Φ computed once for GELU (`σ' = Φ(a) + a φ(a)`; ReLU: 0 at 0, as
+/// Burn's).
 #[inline(always)]
-fn derivative(activation: Activation, a: f32) -> f32 {
+fn activate_with_derivative(activation: Activation, a: f32) -> (f32, f32) {
     match activation {
-        Activation::Relu => {
-            if a > 0.0 {
-                1.0
-            } else {
-                0.0
-            }
-        }
+        Activation::Relu => (a.max(0.0), if a > 0.0 { 1.0 } else { 0.0 }),
         Activation::Gelu => {
+            let cdf = normal_cdf(a);
             let density = (-0.5 * (a as f64) * (a as f64)).exp() / (2.0 * std::f64::consts::PI).sqrt();
-            (normal_cdf(a) as f64 + a as f64 * density) as f32
+            (a * cdf, (cdf as f64 + a as f64 * density) as f32)
         }
     }
 }

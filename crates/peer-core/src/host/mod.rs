@@ -41,6 +41,19 @@ pub(crate) fn zeros(n: usize) -> Vec<f32> {
     values
 }
 
+/// The element-wise sum of the workers' accumulators of `len` values each (zeros if none).
+pub(crate) fn sum_accumulators(
+    accumulators: impl rayon::iter::ParallelIterator<Item = Vec<f32>>,
+    len: usize,
+) -> Vec<f32> {
+    accumulators
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        })
+        .unwrap_or_else(|| zeros(len))
+}
+
 /// Whether `device` (autodiff or not) is the Flex backend.
 pub(crate) fn is_flex(device: &Device) -> bool {
     device.clone().without_autodiff() == Device::flex()

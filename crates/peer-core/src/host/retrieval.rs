@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::simd::{axpy, multiversion};
-use super::zeros;
+use super::{sum_accumulators, zeros};
 use crate::config::Gate;
 
 /// Where the query rows and the sub-keys live, and the retrieval's sizes.
@@ -293,20 +293,14 @@ pub(crate) fn retrieve_backward(
     let mut grad_queries = zeros(tokens * heads * key_dim);
     let threads = rayon::current_num_threads().max(1);
     let tokens_per_task = tokens.div_ceil(threads).max(1);
-    let grad_keys = grad_queries
-        .par_chunks_mut(tokens_per_task * heads * key_dim)
-        .enumerate()
-        .map(|(task, grad_queries)| {
+    let per_task =
+        grad_queries.par_chunks_mut(tokens_per_task * heads * key_dim).enumerate().map(|(task, grad_queries)| {
             let mut grad_keys = zeros(sub_keys.len());
             let first = task * tokens_per_task;
             backward_tokens(queries, sub_keys, layout, picks, grad_scores, first, grad_queries, &mut grad_keys);
             grad_keys
-        })
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        })
-        .unwrap_or_else(|| zeros(sub_keys.len()));
+        });
+    let grad_keys = sum_accumulators(per_task, sub_keys.len());
     debug_assert_eq!(grad_scores.len(), tokens * heads * k);
     (grad_queries, grad_keys)
 }
