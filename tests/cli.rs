@@ -72,6 +72,38 @@ fn assert_clean_error(o: &Output, expected: &[&str]) {
     }
 }
 
+/// `--ffn` swaps the PEER block for a FLOP-matched baseline; `--num-experts/--heads/--top-k`
+/// resize it; bad values are one-line errors naming the flag's field.
+#[test]
+fn baselines_and_sizes_from_the_command_line() {
+    let middle = |args: &[&str]| -> serde_json::Value {
+        let o = run(peer().arg("train").args(args).arg("--print-config"));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let config: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        config["model"]["block_feed_forward"][0]["feed_forward"].clone()
+    };
+    let peer_block = middle(&["--num-experts", "4096", "--heads", "2", "--top-k", "4"]);
+    assert_eq!(
+        (&peer_block["Peer"]["num_experts"], &peer_block["Peer"]["heads"], &peer_block["Peer"]["top_k"]),
+        (&serde_json::json!(4096), &serde_json::json!(2), &serde_json::json!(4))
+    );
+    // The FLOPs of the default PEER block (2.1148 MFLOPs per token) at d_model 128: the
+    // hidden width that comes closest, as `bench models` sizes its dense row.
+    let dense = middle(&["--ffn", "dense"]);
+    let hidden = dense["Dense"]["hidden"].as_u64().expect("a dense middle block");
+    assert!((280..=300).contains(&hidden), "{dense}");
+    let pkm = middle(&["--ffn", "pkm", "--num-experts", "4096"]);
+    assert_eq!(pkm["Pkm"]["num_values"], 4096, "PKM takes the PEER block's N: {pkm}");
+    assert!(middle(&["--ffn", "moe"])["Moe"]["num_experts"] == 16);
+
+    let o = run(peer().args(["train", "--num-experts", "1000", "--print-config"]));
+    assert_clean_error(&o, &["num_experts", "perfect square"]);
+    let o = run(peer().args(["train", "--top-k", "500", "--print-config"]));
+    assert_clean_error(&o, &["top_k", "at most"]);
+    let o = run(peer().args(["train", "--ffn", "lstm", "--print-config"]));
+    assert!(!o.status.success() && stderr(&o).contains("invalid value 'lstm'"), "{}", stderr(&o));
+}
+
 #[test]
 fn bad_inputs_get_one_line_errors() {
     let dir = scratch("bad");
@@ -194,7 +226,23 @@ fn a_killed_run_resumes_where_it_stopped() {
     let model = out.join("model");
     let o = run(peer().args(["eval", "--corpus", corpus.to_str().unwrap(), "--checkpoint"]).arg(&model));
     assert!(o.status.success(), "eval failed: {}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("validation perplexity"));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    for line in [
+        "validation perplexity",
+        "block 1: expert usage",
+        "uniform ceiling",
+        "top 1% of experts take",
+        "sub-keys used per head",
+        "selection unevenness",
+        "sub-key norms",
+    ] {
+        assert!(stdout.contains(line), "eval prints {line:?}: {stdout}");
+    }
+    let evaluation: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("evaluation.json")).unwrap()).unwrap();
+    assert!(evaluation["routing"][0]["report"]["usage"].as_f64().is_some(), "{evaluation}");
+    let png = std::fs::read(model.join("expert_load.png")).expect("the load chart is drawn");
+    assert!(png.starts_with(b"\x89PNG"));
     let generate = |seed: &str| {
         let o = run(peer()
             .args(["generate", "--prompt", "And God", "--max-tokens", "8", "--seed", seed, "--checkpoint"])

@@ -29,8 +29,8 @@ pub fn train_and_sample(device: Device, out: &str) {
         })?;
         let e = &summary.evaluation;
         println!("validation perplexity {:.2} (unigram {:.2})", e.perplexity, e.unigram_perplexity);
-        for (block, usage, unevenness) in &e.expert_usage {
-            println!("block {block}: expert usage {:.1}%, unevenness {unevenness:.3}", 100.0 * usage);
+        for block in &e.routing {
+            println!("block {}: {}", block.block, block.report);
         }
         let (_, model, _) = peer::model::checkpoint::load_model(&summary.model_dir, &device)?;
         let prompt = tokenizer.encode("In the beginning")?;

@@ -7,6 +7,8 @@ use std::time::Instant;
 use burn::tensor::Device;
 use serde::Serialize;
 
+pub use peer::train::charts::{Chart, ChartSeries};
+
 /// How many times to run a measured closure.
 #[derive(Debug, Clone, Copy)]
 pub struct Repeats {
@@ -203,81 +205,7 @@ pub fn bytes(value: Option<u64>) -> String {
     }
 }
 
-/// A PNG chart, drawn by `tools/plot` (its own cargo workspace: plotters would otherwise
-/// change features shared with Burn and force a second Burn build).
-#[derive(Debug, Clone, Serialize)]
-pub struct Chart {
-    /// PNG file name, written beside the JSON.
-    pub file: String,
-    /// Title.
-    pub title: String,
-    /// X axis.
-    pub x_label: String,
-    /// Y axis.
-    pub y_label: String,
-    /// Lines: `(label, points)`.
-    pub series: Vec<ChartSeries>,
-    /// Horizontal bars `(label, value)`, when there are no lines.
-    pub bars: Vec<(String, f64)>,
-    /// Log₂ x axis.
-    pub log_x: bool,
-}
-
-/// One line of a [`Chart`].
-#[derive(Debug, Clone, Serialize)]
-pub struct ChartSeries {
-    /// Legend.
-    pub label: String,
-    /// `(x, y)`.
-    pub points: Vec<(f64, f64)>,
-}
-
-impl Chart {
-    /// A line chart.
-    pub fn lines(file: &str, title: &str, x_label: &str, y_label: &str, log_x: bool, series: Vec<ChartSeries>) -> Self {
-        Self {
-            file: file.into(),
-            title: title.into(),
-            x_label: x_label.into(),
-            y_label: y_label.into(),
-            series,
-            bars: Vec::new(),
-            log_x,
-        }
-    }
-
-    /// A horizontal bar chart.
-    pub fn bars(file: &str, title: &str, x_label: &str, bars: Vec<(String, f64)>) -> Self {
-        Self {
-            file: file.into(),
-            title: title.into(),
-            x_label: x_label.into(),
-            y_label: String::new(),
-            series: Vec::new(),
-            bars,
-            log_x: false,
-        }
-    }
-}
-
-/// Writes `<bench dir>/<name>.charts.json` and draws its PNGs with `tools/plot`. A chart that
-/// cannot be drawn (no font, no network for the first build of the tool) is reported, not
-/// fatal: the table and the JSON are the results.
+/// Writes `<bench dir>/<name>.charts.json` and draws its PNGs (see [`peer::train::charts`]).
 pub fn draw_charts(name: &str, charts: &[Chart]) {
-    let spec = bench_dir().join(format!("{name}.charts.json"));
-    if let Err(e) = std::fs::write(&spec, serde_json::to_string_pretty(charts).expect("charts serialise")) {
-        eprintln!("charts not drawn: {}: {e}", spec.display());
-        return;
-    }
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/plot/Cargo.toml");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args(["run", "--quiet", "--release", "--manifest-path", manifest, "--"])
-        .arg(&spec)
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => eprintln!("charts not drawn ({s}); the table and the JSON are complete"),
-        Err(e) => eprintln!("charts not drawn: cannot run cargo: {e}"),
-    }
+    peer::train::charts::draw_charts(&bench_dir(), name, charts);
 }

@@ -47,6 +47,10 @@ impl LayerArgs {
             .with_top_k(self.top_k)
             .with_key_dim(self.key_dim)
             .with_query_norm(QueryNorm::BatchNorm)
+            // The paper's retrieval (one shared key set, no balance loss), as PEER-pytorch's
+            // layer benchmarks and the figures in the README were measured.
+            .with_shared_keys(true)
+            .with_balance_loss(0.0)
     }
 
     /// A dense GELU FFW with the forward FLOPs per token of `peer`.

@@ -8,7 +8,7 @@ use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::tensor::{Device, Distribution, Tensor};
 use burn::train::TrainStep;
 use clap::Args;
-use peer::core::{DenseFfwConfig, ExpertTape, MoeConfig, MoeRouting, PeerConfig, PkmConfig, QueryNorm};
+use peer::core::{DenseFfwConfig, ExpertTape, MoeConfig, MoeRouting, PeerConfig, PkmConfig, QueryNorm, RoutingReport};
 use peer::model::{FeedForwardConfig, Transformer, TransformerConfig};
 use peer::train::corpus::{Corpus, bundled_corpus};
 use peer::train::data::LmBatch;
@@ -31,6 +31,31 @@ pub struct ModelsArgs {
     /// Toy size for tests (seconds).
     #[arg(long, hide = true)]
     pub toy: bool,
+    /// Seeds per model (initialisation and data order); the table gives the mean and the
+    /// range [default: 2 at full size, 1 with --quick].
+    #[arg(long)]
+    pub seeds: Option<usize>,
+    /// Training runs at a time, each in a process of its own. One run keeps about 1.1 of 2
+    /// cores busy (the step has serial parts), so 2 finish the benchmark in well under the
+    /// time of 1; tokens/s are then per run, with the cores shared.
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
+    /// Reuse the results of runs that finished in an earlier, interrupted `bench models` of
+    /// the same size (their `bench_result.json` in `target/bench/models/`), training only the
+    /// others. Only for the same build: nothing checks that the code is the same.
+    #[arg(long)]
+    pub resume: bool,
+    /// Internal: train only run `INDEX` (model) with seed `--seed` and write its result.
+    #[arg(long, hide = true, value_names = ["INDEX", "SEED"], num_args = 2)]
+    pub only: Option<Vec<usize>>,
+}
+
+/// What one training run of `bench models` hands back to the parent process.
+#[derive(Serialize, Deserialize)]
+struct RunResult {
+    perplexity: f64,
+    routing: Option<RoutingReport>,
+    seconds: f64,
 }
 
 struct Size {
@@ -44,11 +69,12 @@ struct Size {
     peer_roots: Vec<usize>,
     peer_heads: usize,
     peer_top_k: usize,
+    seeds: usize,
 }
 
 impl ModelsArgs {
     fn size(&self) -> Size {
-        if self.toy {
+        let size = if self.toy {
             Size {
                 d_model: 32,
                 layers: 2,
@@ -60,6 +86,7 @@ impl ModelsArgs {
                 peer_roots: vec![8, 16],
                 peer_heads: 2,
                 peer_top_k: 4,
+                seeds: 1,
             }
         } else if self.quick {
             Size {
@@ -73,21 +100,25 @@ impl ModelsArgs {
                 peer_roots: vec![64, 128, 256],
                 peer_heads: 4,
                 peer_top_k: 8,
+                seeds: 1,
             }
         } else {
+            // 1,000 steps of 16 × 128 tokens: 2.05 M tokens per model, the main job's budget.
             Size {
                 d_model: 128,
                 layers: 4,
                 seq_len: 128,
                 batch: 16,
-                epochs: 6,
-                steps: 100,
+                epochs: 8,
+                steps: 125,
                 vocab: 2048,
                 peer_roots: vec![128, 256, 512, 1024],
                 peer_heads: 4,
                 peer_top_k: 8,
+                seeds: 2,
             }
-        }
+        };
+        Size { seeds: self.seeds.unwrap_or(size.seeds), ..size }
     }
 }
 
@@ -96,13 +127,38 @@ fn peer_layer(size: &Size, root: usize) -> FeedForwardConfig {
         PeerConfig::new(size.d_model, root * root)
             .with_heads(size.peer_heads)
             .with_top_k(size.peer_top_k)
-            .with_key_dim(size.d_model / 2)
-            .with_query_norm(QueryNorm::BatchNorm),
+            .with_key_dim(size.d_model / 2),
     )
+}
+
+/// One model's results over its seeds.
+struct ModelResult {
+    name: String,
+    config: TransformerConfig,
+    perplexities: Vec<f64>,
+    routing: Vec<RoutingReport>,
+    seconds: f64,
+}
+
+impl ModelResult {
+    fn mean(&self) -> f64 {
+        self.perplexities.iter().sum::<f64>() / self.perplexities.len() as f64
+    }
+    fn min(&self) -> f64 {
+        self.perplexities.iter().cloned().fold(f64::INFINITY, f64::min)
+    }
+    fn max(&self) -> f64 {
+        self.perplexities.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+    }
+    /// Mean of a routing statistic over the seeds.
+    fn routing_mean(&self, statistic: impl Fn(&RoutingReport) -> f64) -> Option<f64> {
+        (!self.routing.is_empty()).then(|| self.routing.iter().map(statistic).sum::<f64>() / self.routing.len() as f64)
+    }
 }
 
 pub fn models(args: &ModelsArgs) {
     let size = args.size();
+    assert!(size.seeds >= 1, "--seeds: at least 1");
     let corpus = Corpus::load(&bundled_corpus()).expect("bundled corpus");
     let tokenizer = TextTokenizer::for_corpus(&corpus, size.vocab).expect("tokenizer");
     let base =
@@ -127,51 +183,195 @@ pub fn models(args: &ModelsArgs) {
         ),
     ];
     for (name, template) in templates {
-        runs.push((name.into(), base.flop_matched(&template).expect("FLOP matching")));
+        let name = match &template {
+            FeedForwardConfig::Pkm(_) => format!("{name} N = {}²", size.peer_roots[0]),
+            _ => name.to_string(),
+        };
+        runs.push((name, base.flop_matched(&template).expect("FLOP matching")));
     }
     for &root in &size.peer_roots {
         let config = base.clone().with_middle_block(peer_layer(&size, root));
         runs.push((format!("peer N = {root}²"), config));
     }
 
-    let device = Device::flex();
+    let tokens = (size.epochs * size.steps * size.batch * size.seq_len) as f64;
+    let run_dir = |index: usize, seed: usize| {
+        let slug = runs[index].0.replace([' ', '(', ')', ',', '='], "_").replace('²', "2");
+        bench_dir().join("models").join(format!("{slug}-seed{seed}"))
+    };
+    if let Some(only) = &args.only {
+        let (index, seed) = (only[0], only[1]);
+        let result = train_one(&size, &corpus, &tokenizer, &runs[index].1, seed, run_dir(index, seed));
+        std::fs::write(run_dir(index, seed).join("bench_result.json"), serde_json::to_string(&result).unwrap())
+            .expect("writing the run's result");
+        return;
+    }
+
+    // Every (model, seed) run in a child process (this program with `--only`), `--jobs` at a time.
+    let start = Instant::now();
+    let mut results: Vec<ModelResult> = runs
+        .iter()
+        .map(|(name, config)| ModelResult {
+            name: name.clone(),
+            config: config.clone(),
+            perplexities: Vec::new(),
+            routing: Vec::new(),
+            seconds: 0.0,
+        })
+        .collect();
+    let mut pending: Vec<(usize, usize)> =
+        (0..runs.len()).flat_map(|index| (0..size.seeds).map(move |seed| (index, seed))).rev().collect();
+    let mut running: Vec<((usize, usize), std::process::Child)> = Vec::new();
+    let mut finished: Vec<Option<RunResult>> = (0..runs.len() * size.seeds).map(|_| None).collect();
+    let earlier = |index: usize, seed: usize| -> Option<RunResult> {
+        let text = std::fs::read_to_string(run_dir(index, seed).join("bench_result.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    };
+    pending.retain(|&(index, seed)| match earlier(index, seed).filter(|_| args.resume) {
+        Some(result) => {
+            eprintln!(
+                "{} seed {seed}: valid perplexity {:.2} (earlier run, --resume)",
+                runs[index].0, result.perplexity
+            );
+            finished[index * size.seeds + seed] = Some(result);
+            false
+        }
+        None => {
+            let _ = std::fs::remove_file(run_dir(index, seed).join("bench_result.json"));
+            true
+        }
+    });
+    while !pending.is_empty() || !running.is_empty() {
+        while running.len() < args.jobs.max(1)
+            && let Some((index, seed)) = pending.pop()
+        {
+            let dir = run_dir(index, seed);
+            std::fs::create_dir_all(&dir).expect("bench run folder");
+            let log = std::fs::File::create(dir.join("bench.log")).expect("bench run log");
+            let mut command = std::process::Command::new(std::env::current_exe().expect("own executable"));
+            command.args(["bench", "models", "--only", &index.to_string(), &seed.to_string()]);
+            command.args(["--seeds", &size.seeds.to_string()]);
+            if args.quick {
+                command.arg("--quick");
+            }
+            if args.toy {
+                command.arg("--toy");
+            }
+            let child = command
+                .stdout(log.try_clone().expect("bench run log"))
+                .stderr(log)
+                .spawn()
+                .expect("the benchmark can run itself");
+            eprintln!("{} seed {seed}: training (log in {})", runs[index].0, dir.join("bench.log").display());
+            running.push(((index, seed), child));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut still = Vec::new();
+        for ((index, seed), mut child) in running {
+            match child.try_wait().expect("waiting for a bench run") {
+                None => still.push(((index, seed), child)),
+                Some(status) => {
+                    let dir = run_dir(index, seed);
+                    let result: RunResult = std::fs::read_to_string(dir.join("bench_result.json"))
+                        .ok()
+                        .filter(|_| status.success())
+                        .and_then(|text| serde_json::from_str(&text).ok())
+                        .unwrap_or_else(|| {
+                            panic!(
+                                "{} seed {seed}: the training run failed ({status}); see {}",
+                                runs[index].0,
+                                dir.join("bench.log").display()
+                            )
+                        });
+                    eprintln!(
+                        "{} seed {seed}: valid perplexity {:.2} ({:.0} s)",
+                        runs[index].0, result.perplexity, result.seconds
+                    );
+                    finished[index * size.seeds + seed] = Some(result);
+                }
+            }
+        }
+        running = still;
+    }
+    // In model and seed order, whatever order the runs finished in.
+    for (slot, result) in finished.into_iter().enumerate() {
+        let result = result.expect("every run finished");
+        let model = &mut results[slot / size.seeds];
+        model.perplexities.push(result.perplexity);
+        model.routing.extend(result.routing);
+        model.seconds += result.seconds;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    println!(
+        "bench models: {} runs, {} at a time, {:.1} min wall",
+        runs.len() * size.seeds,
+        args.jobs.max(1),
+        wall / 60.0
+    );
+    report_models(&size, &base, tokens, &results, wall, args.jobs.max(1));
+}
+
+/// Trains one model with one seed (the body of a `bench models` child process).
+fn train_one(
+    size: &Size,
+    corpus: &Corpus,
+    tokenizer: &TextTokenizer,
+    model: &TransformerConfig,
+    seed: usize,
+    dir: std::path::PathBuf,
+) -> RunResult {
+    let mut config = TrainingConfig::new(model.clone());
+    config.vocab_size = size.vocab;
+    config.batch_size = size.batch;
+    config.epochs = size.epochs;
+    config.steps_per_epoch = size.steps;
+    config.warmup_steps = size.steps / 2;
+    config.seed = 42 + seed as u64;
+    let start = Instant::now();
+    let summary =
+        train(TrainOptions { config, corpus, tokenizer, device: Device::flex(), artifact_dir: dir, resume: false })
+            .expect("training");
+    let e = summary.evaluation;
+    RunResult {
+        perplexity: e.perplexity,
+        routing: e.routing.into_iter().next().map(|b| b.report),
+        seconds: start.elapsed().as_secs_f64(),
+    }
+}
+
+/// The table, the JSON, the verdicts and the charts of `bench models`.
+fn report_models(size: &Size, base: &TransformerConfig, tokens: f64, results: &[ModelResult], wall: f64, jobs: usize) {
     let mut report = Report::new(
         "models",
-        &["model", "params", "active params", "FLOPs/token", "valid ppl", "tokens/s", "expert usage", "unevenness"],
+        &[
+            "model",
+            "params",
+            "active params",
+            "FLOPs/token",
+            "valid ppl (mean)",
+            "range over seeds",
+            "tokens/s",
+            "expert usage (ceiling)",
+            "unevenness",
+            "top 1% share",
+        ],
     );
     let reference_flops = base.cost().forward_flops_per_token;
-    let (mut perplexities, mut sweep) = (Vec::new(), Vec::new());
-    for (name, model) in runs {
-        let mut config = TrainingConfig::new(model.clone());
-        config.vocab_size = size.vocab;
-        config.batch_size = size.batch;
-        config.epochs = size.epochs;
-        config.steps_per_epoch = size.steps;
-        config.warmup_steps = size.steps / 2;
-        let dir = bench_dir().join("models").join(name.replace([' ', '(', ')', ',', '='], "_").replace('²', "2"));
-        let start = Instant::now();
-        let summary = train(TrainOptions {
-            config: config.clone(),
-            corpus: &corpus,
-            tokenizer: &tokenizer,
-            device: device.clone(),
-            artifact_dir: dir,
-            resume: false,
-        })
-        .expect("training");
-        let seconds = start.elapsed().as_secs_f64();
-        let tokens = (config.total_steps() * size.batch * size.seq_len) as f64;
-        let cost = model.cost();
-        let e = &summary.evaluation;
-        let usage = e.expert_usage.first().map(|(_, u, _)| *u);
-        let unevenness = e.expert_usage.first().map(|(_, _, k)| *k);
-        perplexities.push((name.clone(), e.perplexity));
-        if let Some(FeedForwardConfig::Peer(peer)) = model.block_feed_forward.first().map(|b| &b.feed_forward) {
-            sweep.push((peer.num_experts as f64, e.perplexity));
+    let mut sweep = Vec::new();
+    for r in results {
+        let cost = r.config.cost();
+        let percent = |v: f64| format!("{:.1}%", 100.0 * v);
+        let usage = r.routing_mean(|u| u.usage);
+        let ceiling = r.routing_mean(|u| u.uniform_ceiling);
+        let unevenness = r.routing_mean(|u| u.unevenness);
+        let top = r.routing_mean(|u| u.top_1_percent_share);
+        if let Some(FeedForwardConfig::Peer(peer)) = r.config.block_feed_forward.first().map(|b| &b.feed_forward) {
+            sweep.push((peer.num_experts as f64, r.mean()));
         }
+        let seeds = r.perplexities.len();
         report.row(
             vec![
-                name.clone(),
+                r.name.clone(),
                 si(cost.params as f64),
                 si(cost.active_params as f64),
                 format!(
@@ -179,35 +379,49 @@ pub fn models(args: &ModelsArgs) {
                     si(cost.forward_flops_per_token),
                     100.0 * (cost.forward_flops_per_token / reference_flops - 1.0)
                 ),
-                format!("{:.2}", e.perplexity),
-                si(tokens / seconds),
-                usage.map_or("-".into(), |u| format!("{:.1}%", 100.0 * u)),
+                format!("{:.2}", r.mean()),
+                if seeds > 1 { format!("{:.2}–{:.2}", r.min(), r.max()) } else { "-".into() },
+                si(tokens * seeds as f64 / r.seconds),
+                match (usage, ceiling) {
+                    (Some(u), Some(c)) => format!("{} ({})", percent(u), percent(c)),
+                    _ => "-".into(),
+                },
                 unevenness.map_or("-".into(), |k| format!("{k:.3}")),
+                top.map_or("-".into(), percent),
             ],
             serde_json::json!({
-                "model": name, "config": model, "params": cost.params, "active_params": cost.active_params,
-                "forward_flops_per_token": cost.forward_flops_per_token, "valid_perplexity": e.perplexity,
-                "unigram_perplexity": e.unigram_perplexity, "tokens_trained": tokens,
-                "tokens_per_s_including_validation": tokens / seconds, "expert_usage": usage, "unevenness": unevenness,
+                "model": r.name, "config": r.config, "params": cost.params, "active_params": cost.active_params,
+                "forward_flops_per_token": cost.forward_flops_per_token, "valid_perplexity_per_seed": r.perplexities,
+                "valid_perplexity_mean": r.mean(), "tokens_trained_per_seed": tokens,
+                "tokens_per_s_including_validation": tokens * seeds as f64 / r.seconds, "routing_per_seed": r.routing,
             }),
         );
     }
+    let verdicts = verdicts(results);
+    for line in &verdicts {
+        println!("{line}");
+    }
     report.write(serde_json::json!({
-        "recipe": format!("{} epochs × {} steps × {} sequences × {} tokens, same seed and data order for every model, Flex device", size.epochs, size.steps, size.batch, size.seq_len),
+        "recipe": format!("{} epochs × {} steps × {} sequences × {} tokens ({} tokens), seeds 42..{} (initialisation and data order), the same seeds for every model, Flex device", size.epochs, size.steps, size.batch, size.seq_len, tokens, 42 + size.seeds),
         "matching": "the middle block of each model is sized to the FLOPs per token of the PEER block at the first N; the N sweep keeps h·k fixed",
+        "evaluation": "perplexity and routing statistics over the whole validation split",
+        "verdicts": verdicts,
+        "wall_minutes": wall / 60.0,
+        "jobs": jobs,
     }));
+    let bars = results.iter().map(|r| (r.name.clone(), r.mean())).collect();
     draw_charts(
         "models",
         &[
             Chart::bars(
                 "models.png",
-                "Validation perplexity at equal FLOPs per token (lower is better)",
+                "Validation perplexity at equal FLOPs per token (mean over seeds; lower is better)",
                 "perplexity",
-                perplexities,
+                bars,
             ),
             Chart::lines(
                 "models_peer_sweep.png",
-                "PEER: validation perplexity vs number of experts (fixed h·k)",
+                "PEER: validation perplexity vs number of experts (fixed h·k, mean over seeds)",
                 "experts N",
                 "perplexity",
                 true,
@@ -215,6 +429,58 @@ pub fn models(args: &ModelsArgs) {
             ),
         ],
     );
+}
+
+/// The questions the benchmark answers, answered from its numbers: does PEER at the first N
+/// beat the FLOP-matched dense model beyond the seeds' range (every PEER seed below every dense
+/// seed), and does the mean perplexity fall as N grows.
+fn verdicts(results: &[ModelResult]) -> Vec<String> {
+    let mut lines = Vec::new();
+    let dense = results.iter().find(|r| r.name == "dense");
+    let peers: Vec<&ModelResult> = results.iter().filter(|r| r.name.starts_with("peer")).collect();
+    if let (Some(dense), Some(peer)) = (dense, peers.first()) {
+        let beyond = peer.max() < dense.min();
+        lines.push(format!(
+            "PEER ({}) vs dense at equal FLOPs: {:.2} vs {:.2} mean valid perplexity ({:+.1}%); {}",
+            peer.name.trim_start_matches("peer "),
+            peer.mean(),
+            dense.mean(),
+            100.0 * (peer.mean() / dense.mean() - 1.0),
+            match (peer.mean() < dense.mean(), beyond) {
+                (_, true) => "PEER is better beyond the seeds' range (its worst seed beats dense's best)",
+                (true, false) => "PEER is better on average, but the seeds' ranges overlap",
+                (false, _) => "PEER is not better",
+            }
+        ));
+    }
+    if peers.len() > 1 {
+        let means: Vec<String> = peers.iter().map(|p| format!("{:.2}", p.mean())).collect();
+        let falling = peers.windows(2).all(|w| w[1].mean() < w[0].mean());
+        lines.push(format!(
+            "PEER N sweep (mean perplexity, {}): {} — {}",
+            peers.iter().map(|p| p.name.trim_start_matches("peer N = ")).collect::<Vec<_>>().join(" → "),
+            means.join(" → "),
+            if falling { "falls at every step" } else { "does not fall at every step" }
+        ));
+    }
+    let usage: Vec<String> = results
+        .iter()
+        .filter_map(|r| {
+            let usage = r.routing_mean(|u| u.usage)?;
+            let ceiling = r.routing_mean(|u| u.uniform_ceiling)?;
+            Some(format!(
+                "{} {:.1}% ({:.0}% of its ceiling {:.1}%)",
+                r.name,
+                100.0 * usage,
+                100.0 * usage / ceiling,
+                100.0 * ceiling
+            ))
+        })
+        .collect();
+    if !usage.is_empty() {
+        lines.push(format!("Expert usage over the validation split (mean over seeds): {}", usage.join("; ")));
+    }
+    lines
 }
 
 /// Sizes of `bench scaling`.
@@ -425,7 +691,10 @@ fn measure_scaling(args: &ScalingArgs, device: &Device, mode: &str, root: usize)
         .with_heads(args.heads)
         .with_top_k(args.top_k)
         .with_key_dim(args.key_dim)
-        .with_query_norm(QueryNorm::BatchNorm);
+        .with_query_norm(QueryNorm::BatchNorm)
+        // The paper's retrieval, as the README's scaling figures were measured.
+        .with_shared_keys(true)
+        .with_balance_loss(0.0);
     let config = TransformerConfig::dense(vocab, args.d_model, 4, 4, args.seq_len, 4 * args.d_model)
         .with_middle_block(FeedForwardConfig::Peer(peer_config));
     let params = config.cost().params;

@@ -64,8 +64,15 @@ fn every_subcommand_runs_at_toy_size() {
         }
     }
 
-    let models = bench(&dir, &["models", "--toy"]);
+    let models = bench(&dir, &["models", "--toy", "--seeds", "2"]);
     let records = models["records"].as_array().unwrap();
+    for r in records {
+        assert_eq!(r["valid_perplexity_per_seed"].as_array().map(Vec::len), Some(2), "two seeds: {r}");
+    }
+    let verdicts = models["notes"]["verdicts"].as_array().expect("verdicts recorded");
+    assert_eq!(verdicts.len(), 3, "PEER vs dense, the N sweep, expert usage: {verdicts:?}");
+    assert!(verdicts[2].as_str().unwrap().contains("of its ceiling"), "{verdicts:?}");
+    assert_eq!(models["notes"]["jobs"], 2, "two runs at a time, each in its own process");
     let names: Vec<&str> = records.iter().map(|r| r["model"].as_str().unwrap()).collect();
     assert!(
         names.iter().any(|n| n.starts_with("dense"))

@@ -38,10 +38,61 @@ pub enum QueryNorm {
     None,
 }
 
+/// How a query half and a sub-key are compared: the score that top-k ranks and the gate
+/// turns into router weights.
+///
+/// With the paper's inner product a sub-key's length is part of every score it gives, so a
+/// sub-key that grows during training wins for most queries and the experts built on it take
+/// most of the load (product-key collapse). The normalised scorings remove that advantage; a
+/// learned scalar s (one per layer, initialised from
+/// [`PeerConfig::score_scale`]) keeps the gate's temperature trainable.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum KeyScoring {
+    /// `q_half · c`: the paper's inner product.
+    Dot,
+    /// `s · q_half · c/‖c‖`: unit sub-keys.
+    UnitKeys,
+    /// `s · (q_half/‖q_half‖) · (c/‖c‖)`: the cosine of each half (qk-normalisation, as in
+    /// Meta's memory layers and UltraMemV2), so a full score lies in `[−2s, 2s]`.
+    Cosine,
+}
+
+impl KeyScoring {
+    /// The initial scale s that gives the same score scale as [`KeyScoring::Dot`] at
+    /// initialisation (unit-variance query features, sub-keys from U(±1/√(d/2)) whose norm is
+    /// about 1/√3): 1 for `Dot` (unused), 1/√3 for `UnitKeys`, √(d/2)/√3 for `Cosine`.
+    pub fn default_scale(self, key_dim: usize) -> f64 {
+        let key_norm = 1.0 / 3f64.sqrt();
+        match self {
+            Self::Dot => 1.0,
+            Self::UnitKeys => key_norm,
+            Self::Cosine => (key_dim as f64 / 2.0).sqrt() * key_norm,
+        }
+    }
+}
+
+/// What the balance loss of a product-key layer evens out (see
+/// [`ProductKeys::balance_loss`](crate::ProductKeys::balance_loss)).
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// The choices of each half's √N sub-keys, separately: cheap, blind to which sub-keys are
+    /// paired together.
+    SubKeys,
+    /// The choices of all N experts (pairs of sub-keys), computed exactly through the product
+    /// structure: `O(N)` per query row (a `[rows, √N] × [√N, √N]` matmul per key set, forward
+    /// and backward), negligible at N = 128², about as much as the rest of the layer at 1024².
+    Experts,
+}
+
 /// Configuration of a [`Peer`](crate::Peer) layer (paper §2, Algorithm 1).
 ///
-/// The defaults are the paper's: `heads = 8`, `top_k = 16`, BatchNorm on the queries, softmax
-/// router weights, one product-key set shared by all heads. `key_dim` defaults to 128.
+/// The retrieval defaults are the paper's (`heads = 8`, `top_k = 16`, BatchNorm on the
+/// queries, softmax router weights; `key_dim` 128) with two changes that end product-key
+/// collapse in our measurements (README, "Routing: collapse and its remedies"): **one
+/// product-key set per head** instead of the paper's shared one, and an **expert balance loss**
+/// of weight 0.03 (see [`ProductKeys::balance_loss`](crate::ProductKeys::balance_loss)), which
+/// the training loop must add to its loss ([`PeerRouting::balance_loss`](crate::PeerRouting)).
+/// The paper's setting is `.with_shared_keys(true).with_balance_loss(0.0)`.
 ///
 /// ```
 /// use peer_core::{PeerConfig, QueryNorm};
@@ -79,10 +130,30 @@ pub struct PeerConfig {
     /// Normalisation of the queries.
     #[config(default = "QueryNorm::BatchNorm")]
     pub query_norm: QueryNorm,
-    /// `true`: one product-key set shared by all heads (the paper). `false`: one set per head
-    /// (PEER-pytorch and Meta's memory layers).
-    #[config(default = true)]
+    /// `true`: one product-key set shared by all heads (the paper). `false` (the default): one
+    /// set per head, as PEER-pytorch and Meta's memory layers have (lower perplexity and more
+    /// even routing in our runs).
+    #[config(default = false)]
     pub shared_keys: bool,
+    /// How query halves and sub-keys are compared (see [`KeyScoring`]).
+    #[config(default = "KeyScoring::Dot")]
+    pub scoring: KeyScoring,
+    /// Initial value of the learned score scale s of the normalised scorings; `None`: the
+    /// scoring's [`default_scale`](KeyScoring::default_scale). Ignored by `Dot`.
+    #[config(default = "None")]
+    pub score_scale: Option<f64>,
+    /// Weight of the balance loss (see
+    /// [`ProductKeys::balance_loss`](crate::ProductKeys::balance_loss)), returned in
+    /// [`PeerRouting::balance_loss`](crate::PeerRouting::balance_loss) during training for
+    /// the caller to add to its loss; 0 (the paper) turns it off. The default, 0.03, is the
+    /// weight that gave ~100% expert usage without costing perplexity in our runs (with the
+    /// expert tables' own higher learning rate).
+    #[config(default = 0.03)]
+    pub balance_loss: f64,
+    /// What the balance loss evens out: the experts themselves (the default), or each half's
+    /// sub-keys.
+    #[config(default = "Balance::Experts")]
+    pub balance: Balance,
     /// Whether the query network has a bias.
     #[config(default = false)]
     pub query_bias: bool,
@@ -91,6 +162,12 @@ pub struct PeerConfig {
     /// default of N(0, 1) is far too large for expert tables).
     #[config(default = "None")]
     pub expert_init_std: Option<f64>,
+    /// Standard deviation of the up table v (the experts' outputs) alone; `None`: the same as
+    /// the down table's. 0 starts every expert at zero output, so experts that have not been
+    /// retrieved yet add nothing to the residual stream (under even routing most experts are
+    /// rarely updated early in training).
+    #[config(default = "None")]
+    pub expert_up_init_std: Option<f64>,
     /// Momentum of the query BatchNorm's running statistics.
     #[config(default = 0.1)]
     pub norm_momentum: f64,
@@ -112,10 +189,17 @@ impl PeerConfig {
         positive("d_model", self.d_model)?;
         positive("heads", self.heads)?;
         validate_product_keys(self.num_experts, self.top_k, self.key_dim)?;
+        validate_score_scale(self.score_scale)?;
+        validate_balance_loss(self.balance_loss)?;
         if let Some(std) = self.expert_init_std
             && !(std.is_finite() && std > 0.0)
         {
             return Err(ConfigError::new("expert_init_std", format!("must be finite and positive, got {std}")));
+        }
+        if let Some(std) = self.expert_up_init_std
+            && !(std.is_finite() && std >= 0.0)
+        {
+            return Err(ConfigError::new("expert_up_init_std", format!("must be finite and non-negative, got {std}")));
         }
         if let Some(bytes) = self.table_block_bytes
             && bytes < 4 * self.d_model
@@ -147,9 +231,14 @@ impl PeerConfig {
         self.heads * self.top_k
     }
 
-    /// The standard deviation the expert tables are initialised with.
+    /// The standard deviation the down table u is initialised with.
     pub fn expert_std(&self) -> f64 {
         self.expert_init_std.unwrap_or(1.0 / (self.d_model as f64).sqrt())
+    }
+
+    /// The standard deviation the up table v is initialised with.
+    pub fn expert_up_std(&self) -> f64 {
+        self.expert_up_init_std.unwrap_or_else(|| self.expert_std())
     }
 }
 
@@ -194,6 +283,24 @@ pub(crate) fn validate_product_keys(num_experts: usize, top_k: usize, key_dim: u
         ));
     }
     Ok(())
+}
+
+/// The rule of `balance_loss`: finite and non-negative.
+pub(crate) fn validate_balance_loss(weight: f64) -> Result<(), ConfigError> {
+    if !(weight.is_finite() && weight >= 0.0) {
+        return Err(ConfigError::new("balance_loss", format!("must be finite and non-negative, got {weight}")));
+    }
+    Ok(())
+}
+
+/// The rule of `score_scale`: finite and positive when given.
+pub(crate) fn validate_score_scale(scale: Option<f64>) -> Result<(), ConfigError> {
+    match scale {
+        Some(s) if !(s.is_finite() && s > 0.0) => {
+            Err(ConfigError::new("score_scale", format!("must be finite and positive, got {s}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `Some(r)` when `n == r²`.

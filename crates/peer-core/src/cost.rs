@@ -13,6 +13,8 @@
 //! asks: at the paper's sizes it costs more than the active experts themselves. Norms, biases,
 //! activations, softmax and top-k selection are not counted (they are O(n) or O(k²)).
 
+use crate::config::KeyScoring;
+
 /// What a feed-forward layer costs.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerCost {
@@ -35,9 +37,11 @@ pub(crate) fn retrieval_cost(
     top_k: usize,
     key_sets: usize,
     query_params: usize,
+    scoring: KeyScoring,
 ) -> LayerCost {
     let root = (num_keys as f64).sqrt() as usize;
-    let key_params = key_sets * root * key_dim;
+    // The normalised scorings learn one scale.
+    let key_params = key_sets * root * key_dim + usize::from(scoring != KeyScoring::Dot);
     let flops = 2.0 * (d_model * heads * key_dim) as f64
         + 2.0 * (heads * key_dim * root) as f64
         + (heads * top_k * top_k) as f64;

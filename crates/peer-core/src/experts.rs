@@ -116,25 +116,30 @@ fn prefix_sum(x: Tensor<1, Int>) -> Tensor<1, Int> {
 }
 
 impl Experts {
-    /// N experts of width `d_model`, both tables drawn from N(0, std²).
+    /// N experts of width `d_model`, the down table u drawn from N(0, down_std²) and the up
+    /// table v from N(0, up_std²) (zeros when `up_std` is 0).
     ///
     /// Tables larger than `max_block_bytes` (default: unlimited on CPU backends, 64 MiB on GPU
     /// backends) are stored in row blocks; see [`ExpertTable`].
     pub fn init(
         num_experts: usize,
         d_model: usize,
-        std: f64,
+        [down_std, up_std]: [f64; 2],
         activation: Activation,
         max_block_bytes: Option<usize>,
         device: &Device,
     ) -> Self {
         let rows = block_rows(num_experts, d_model, device, max_block_bytes);
-        let table = || {
+        let table = |std: f64| {
             ExpertTable::from_fn(num_experts, d_model, rows, |shape| {
-                Tensor::random(shape, Distribution::Normal(0.0, std), device)
+                if std == 0.0 {
+                    Tensor::zeros(shape, device)
+                } else {
+                    Tensor::random(shape, Distribution::Normal(0.0, std), device)
+                }
             })
         };
-        Self { down: table(), up: table(), activation }
+        Self { down: table(down_std), up: table(up_std), activation }
     }
 
     /// Number of experts N.
@@ -329,7 +334,7 @@ mod tests {
     #[test]
     fn chunked_equals_unchunked() {
         let device = Device::flex().autodiff();
-        let experts = Experts::init(16, 8, 0.3, Activation::Gelu, None, &device);
+        let experts = Experts::init(16, 8, [0.3; 2], Activation::Gelu, None, &device);
         let x = Tensor::<2>::random([7, 8], Distribution::Normal(0.0, 1.0), &device).require_grad();
         let ids: Vec<i64> = (0..7 * 3).map(|i| (i * 5 % 16) as i64).collect();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [7, 3]), &device);
@@ -364,8 +369,8 @@ mod blocked_tests {
 
     /// The same tables, once whole and once in blocks of 5 rows (the last one shorter).
     fn pair(device: &Device) -> (Experts, Experts) {
-        let whole = Experts::init(23, 8, 0.3, Activation::Gelu, None, device);
-        let mut blocked = Experts::init(23, 8, 0.3, Activation::Gelu, Some(5 * 8 * 4), device);
+        let whole = Experts::init(23, 8, [0.3; 2], Activation::Gelu, None, device);
+        let mut blocked = Experts::init(23, 8, [0.3; 2], Activation::Gelu, Some(5 * 8 * 4), device);
         assert_eq!((whole.down.num_blocks(), blocked.down.num_blocks()), (1, 5));
         blocked.down.set(whole.down.val());
         blocked.up.set(whole.up.val());

@@ -63,7 +63,7 @@ pub mod tape;
 mod topk;
 mod usage;
 
-pub use config::{Activation, Gate, PeerConfig, QueryNorm};
+pub use config::{Activation, Balance, Gate, KeyScoring, PeerConfig, QueryNorm};
 pub use cost::LayerCost;
 pub use dense::{DenseFfw, DenseFfwConfig, DenseKind};
 pub use error::ConfigError;
@@ -76,4 +76,4 @@ pub use query::QueryNetwork;
 pub use sparse_adamw::{RowMoments, SparseAdamWConfig, SparseAdamWState};
 pub use table::{ExpertTable, GPU_BLOCK_BYTES, TableRows, block_rows};
 pub use tape::{ExpertTape, TableGradients, TapeGradients};
-pub use usage::ExpertUsage;
+pub use usage::{ExpertUsage, RoutingReport, Spread};

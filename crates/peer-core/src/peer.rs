@@ -22,6 +22,22 @@ pub struct PeerRouting {
     pub expert_ids: Tensor<4, Int>,
     /// Router weights g, `[batch, seq, heads, k]`.
     pub router_weights: Tensor<4>,
+    /// The weighted sub-key balance loss of this forward pass (`[1]`), when the layer has one
+    /// (`balance_loss > 0`) and it is training (see
+    /// [`ProductKeys::balance_loss`](crate::ProductKeys::balance_loss)): add it to the loss.
+    pub balance_loss: Option<Tensor<1>>,
+}
+
+impl PeerRouting {
+    /// The routing of `batch × seq` tokens from `[tokens, heads, k]` ids and weights.
+    fn new(expert_ids: Tensor<3, Int>, router_weights: Tensor<3>, [batch, seq]: [usize; 2]) -> Self {
+        let [_, heads, k] = expert_ids.dims();
+        Self {
+            expert_ids: expert_ids.reshape([batch, seq, heads, k]),
+            router_weights: router_weights.reshape([batch, seq, heads, k]),
+            balance_loss: None,
+        }
+    }
 }
 
 /// A Parameter Efficient Expert Retrieval layer: a drop-in replacement for a transformer
@@ -62,7 +78,8 @@ impl PeerConfig {
     /// Builds the layer on `device`.
     ///
     /// Initialisation: query network as Burn's `Linear` (Kaiming uniform); sub-keys
-    /// U(±1/√(key_dim/2)); both expert tables N(0, [`expert_std`](Self::expert_std)²).
+    /// U(±1/√(key_dim/2)); the expert tables N(0, [`expert_std`](Self::expert_std)²) (down)
+    /// and N(0, [`expert_up_std`](Self::expert_up_std)²) (up).
     ///
     /// # Panics
     /// If the configuration is invalid, with the [`ConfigError`] message naming the field and
@@ -77,11 +94,15 @@ impl PeerConfig {
         let query = self.query_network().init(device);
         let product_keys = ProductKeysConfig::new(self.num_experts, self.key_dim, self.top_k, self.heads)
             .with_shared(self.shared_keys)
+            .with_scoring(self.scoring)
+            .with_score_scale(self.score_scale)
+            .with_balance_loss(self.balance_loss)
+            .with_balance(self.balance)
             .try_init(device)?;
         let experts = Experts::init(
             self.num_experts,
             self.d_model,
-            self.expert_std(),
+            [self.expert_std(), self.expert_up_std()],
             self.activation,
             self.table_block_bytes,
             device,
@@ -116,6 +137,7 @@ impl PeerConfig {
             self.top_k,
             if self.shared_keys { 1 } else { self.heads },
             self.query_network().num_params(),
+            self.scoring,
         );
         let active = self.heads * self.top_k * self.d_model;
         LayerCost {
@@ -155,18 +177,15 @@ impl Peer {
         {
             return done;
         }
-        let (expert_ids, router_weights) = self.route_queries(queries);
+        let (expert_ids, router_weights) = self.route_queries(queries.clone());
         let [_, heads, k] = expert_ids.dims();
         let output = self.experts.forward(
             x,
             expert_ids.clone().reshape([tokens, heads * k]),
             router_weights.clone().reshape([tokens, heads * k]),
         );
-        let routing = PeerRouting {
-            expert_ids: expert_ids.reshape([batch, seq, heads, k]),
-            router_weights: router_weights.reshape([batch, seq, heads, k]),
-        };
-        (output.reshape([batch, seq, d_model]), routing)
+        let routing = PeerRouting::new(expert_ids, router_weights, [batch, seq]);
+        self.with_balance_loss(queries, (output.reshape([batch, seq, d_model]), routing))
     }
 
     /// Like [`forward_with_routing`](Self::forward_with_routing), for training the expert
@@ -187,18 +206,28 @@ impl Peer {
         let x = x.reshape([tokens, d_model]);
         let queries = self.query.forward(x.clone());
         if let Some(done) = self.forward_host(x.clone(), queries.clone(), [batch, seq], Some(&mut *tape)) {
-            return done;
+            return self.with_balance_loss(queries, done);
         }
-        let (expert_ids, router_weights) = self.route_queries(queries);
+        let (expert_ids, router_weights) = self.route_queries(queries.clone());
         let [_, heads, k] = expert_ids.dims();
         let ids = expert_ids.clone().reshape([tokens, heads * k]);
         let weights = router_weights.clone().reshape([tokens, heads * k]);
         let output = self.experts.forward_detached(x.clone(), ids.clone(), weights.clone());
         let output = tape.record(&self.experts, x, ids, weights, output.reshape([batch, seq, d_model]));
-        let routing = PeerRouting {
-            expert_ids: expert_ids.reshape([batch, seq, heads, k]),
-            router_weights: router_weights.reshape([batch, seq, heads, k]),
-        };
+        let routing = PeerRouting::new(expert_ids, router_weights, [batch, seq]);
+        self.with_balance_loss(queries, (output, routing))
+    }
+
+    /// Adds the sub-key balance loss of `queries` (`[tokens, heads, key_dim]`) to the routing,
+    /// when the layer has one and is training.
+    fn with_balance_loss(
+        &self,
+        queries: Tensor<3>,
+        (output, mut routing): (Tensor<3>, PeerRouting),
+    ) -> (Tensor<3>, PeerRouting) {
+        let [batch, seq, heads, k] = routing.expert_ids.dims();
+        let ids = routing.expert_ids.clone().reshape([batch * seq, heads, k]);
+        routing.balance_loss = self.product_keys.balance_loss(queries, ids);
         (output, routing)
     }
 
@@ -221,12 +250,12 @@ impl Peer {
             return None;
         }
         let [tokens, d_model] = x.dims();
-        let sub_keys = self.product_keys.sub_keys.val();
         let layout = self.product_keys.key_layout(tokens);
         let (heads, top_k) = (layout.heads, layout.top_k);
         if queries.dims() != [tokens, heads, layout.key_dim] {
             return None; // the tensor path's retrieval names the mismatch
         }
+        let (queries, sub_keys) = self.product_keys.scoring_operands(queries);
         let (output, routing) = {
             // The views borrow the tables: they are dropped before anything could update them.
             let layer = HostPeer::of(&self.experts, &sub_keys, self.gate)?;
@@ -234,10 +263,11 @@ impl Peer {
         };
         let device = x.device();
         let (expert_ids, router_weights) = routing.tensors(&device);
-        let routing_tensors = PeerRouting {
-            expert_ids: expert_ids.reshape([batch, seq, heads, top_k]),
-            router_weights: router_weights.reshape([batch, seq, heads, top_k]),
-        };
+        let routing_tensors = PeerRouting::new(
+            expert_ids.reshape([tokens, heads, top_k]),
+            router_weights.reshape([tokens, heads, top_k]),
+            [batch, seq],
+        );
         let output = host::tensor(output, [batch, seq, d_model], &device);
         let output = match tape {
             Some(tape) => tape.record_host(&self.experts, x, queries, sub_keys, routing, output),
@@ -254,11 +284,7 @@ impl Peer {
     pub fn route(&self, x: Tensor<3>) -> PeerRouting {
         let [batch, seq, d_model] = x.dims();
         let (expert_ids, router_weights) = self.route_tokens(x.reshape([batch * seq, d_model]));
-        let [_, heads, k] = expert_ids.dims();
-        PeerRouting {
-            expert_ids: expert_ids.reshape([batch, seq, heads, k]),
-            router_weights: router_weights.reshape([batch, seq, heads, k]),
-        }
+        PeerRouting::new(expert_ids, router_weights, [batch, seq])
     }
 
     /// Retrieval and router weights: `(expert_ids [tokens, heads, k], g [tokens, heads, k])`.

@@ -5,15 +5,19 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Distribution, Tensor};
 
-use crate::config::{QueryNorm, positive, validate_product_keys};
+use crate::config::{
+    Balance, KeyScoring, QueryNorm, positive, validate_balance_loss, validate_product_keys, validate_score_scale,
+};
 use crate::cost::{LayerCost, retrieval_cost};
 use crate::error::ConfigError;
 use crate::peer::PeerRouting;
 use crate::product_keys::{ProductKeys, ProductKeysConfig};
 use crate::query::{QueryNetwork, QueryNetworkSettings};
 
-/// Configuration of a [`Pkm`] layer. Defaults follow the paper's PKM baseline: 8 heads,
-/// top-32, query BatchNorm.
+/// Configuration of a [`Pkm`] layer. Defaults follow the paper's PKM baseline (8 heads,
+/// top-32, query BatchNorm) with the routing remedies of [`PeerConfig`](crate::PeerConfig):
+/// one sub-key set per head and an expert balance loss of weight 0.03; the paper's setting is
+/// `.with_shared_keys(true).with_balance_loss(0.0)`.
 #[derive(Config, Debug, PartialEq)]
 pub struct PkmConfig {
     /// Input and output width.
@@ -32,9 +36,25 @@ pub struct PkmConfig {
     /// Normalisation of the queries.
     #[config(default = "QueryNorm::BatchNorm")]
     pub query_norm: QueryNorm,
-    /// One sub-key pair for all heads (`true`) or one per head.
-    #[config(default = true)]
+    /// One sub-key pair for all heads (`true`, the paper) or one per head (`false`, the default).
+    #[config(default = false)]
     pub shared_keys: bool,
+    /// How query halves and sub-keys are compared (see [`KeyScoring`]).
+    #[config(default = "KeyScoring::Dot")]
+    pub scoring: KeyScoring,
+    /// Initial value of the learned score scale of the normalised scorings; `None`: the
+    /// scoring's [`default_scale`](KeyScoring::default_scale).
+    #[config(default = "None")]
+    pub score_scale: Option<f64>,
+    /// Weight of the balance loss (see
+    /// [`ProductKeys::balance_loss`](crate::ProductKeys::balance_loss)); 0 (the paper) turns
+    /// it off.
+    #[config(default = 0.03)]
+    pub balance_loss: f64,
+    /// What the balance loss evens out: the memory slots themselves (the default), or each
+    /// half's sub-keys.
+    #[config(default = "Balance::Experts")]
+    pub balance: Balance,
     /// Standard deviation of the value table's normal initialisation; `None`: `1/√d_model`.
     #[config(default = "None")]
     pub value_init_std: Option<f64>,
@@ -50,7 +70,9 @@ impl PkmConfig {
                 err.field = "num_values";
             }
             err
-        })
+        })?;
+        validate_score_scale(self.score_scale)?;
+        validate_balance_loss(self.balance_loss)
     }
 
     fn query_network(&self) -> QueryNetworkSettings {
@@ -76,6 +98,10 @@ impl PkmConfig {
             query: self.query_network().init(device),
             product_keys: ProductKeysConfig::new(self.num_values, self.key_dim, self.top_k, self.heads)
                 .with_shared(self.shared_keys)
+                .with_scoring(self.scoring)
+                .with_score_scale(self.score_scale)
+                .with_balance_loss(self.balance_loss)
+                .with_balance(self.balance)
                 .init(device),
             values: Param::from_tensor(Tensor::random(
                 [self.num_values, self.d_model],
@@ -96,6 +122,7 @@ impl PkmConfig {
             self.top_k,
             if self.shared_keys { 1 } else { self.heads },
             query,
+            self.scoring,
         );
         let read = self.heads * self.top_k * self.d_model;
         LayerCost {
@@ -126,7 +153,9 @@ impl Pkm {
     pub fn forward_with_routing(&self, x: Tensor<3>) -> (Tensor<3>, PeerRouting) {
         let [batch, seq, d_model] = x.dims();
         let tokens = batch * seq;
-        let (scores, ids) = self.product_keys.retrieve(self.query.forward(x.reshape([tokens, d_model])));
+        let queries = self.query.forward(x.reshape([tokens, d_model]));
+        let (scores, ids) = self.product_keys.retrieve(queries.clone());
+        let balance_loss = self.product_keys.balance_loss(queries, ids.clone());
         let [_, heads, k] = ids.dims();
         let weights = softmax(scores, 2);
         let m = heads * k;
@@ -135,6 +164,7 @@ impl Pkm {
         let routing = PeerRouting {
             expert_ids: ids.reshape([batch, seq, heads, k]),
             router_weights: weights.reshape([batch, seq, heads, k]),
+            balance_loss,
         };
         (output, routing)
     }

@@ -1,15 +1,35 @@
-//! The paper's routing statistics (§3.2, Table 2): expert usage and unevenness.
+//! Routing statistics: the paper's expert usage and unevenness (§3.2, Table 2), and the
+//! diagnostics that tell a collapsed product-key router from a healthy one.
 
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::exact_sqrt;
 use crate::peer::PeerRouting;
+use crate::product_keys::ProductKeys;
 
-/// Accumulates `z'_i = Σ_x g_i(x)` over any number of batches (g_i(x) = 0 when expert i is not
-/// retrieved for x) and reports:
-/// - **expert usage**: the fraction of experts with `z_i > 0`;
-/// - **unevenness**: `KL(z ‖ uniform) = log N + Σ_i z_i log z_i`, with `z = z' / ‖z'‖₁`
-///   (0 for a perfectly even routing, `log N` when one expert takes everything).
+/// Accumulates a layer's routing over any number of batches and reports its statistics.
 ///
-/// Router weights of the same expert retrieved by several heads add up. The accumulator is a
-/// host-side `Vec<f64>` of N entries (8 MiB at a million experts).
+/// Two accumulators per expert i: the router weight `z'_i = Σ_x g_i(x)` (g_i(x) = 0 when expert
+/// i is not retrieved for x; weights of several heads add up) and the selection count `c_i`
+/// (how many (token, head) pairs retrieved i). From them:
+///
+/// - **expert usage** ([`usage`](Self::usage)): the fraction of experts with `z'_i > 0`;
+/// - **uniform ceiling** ([`uniform_ceiling`](Self::uniform_ceiling)): the usage that S
+///   selections spread uniformly at random over N experts reach, `1 − exp(−S/N)`; usage is
+///   only meaningful next to it;
+/// - **unevenness** ([`unevenness`](Self::unevenness)): `KL(z ‖ uniform) = log N + Σ_i z_i log z_i`
+///   with `z = z' / ‖z'‖₁`, in nats (0 for perfectly even routing, `log N` when one expert takes
+///   everything);
+/// - **top share** ([`top_share`](Self::top_share)): the share of all selections taken by the
+///   ⌈f·N⌉ most selected experts (f = 1% in the reports: 1% when the load is even);
+/// - **sub-keys used** ([`sub_keys_used`](Self::sub_keys_used)): per head and per half of the
+///   product key, how many of the √N sub-keys appear in at least one retrieved expert (expert
+///   `i·√N + j` uses sub-key i of the first half and j of the second).
+///
+/// Memory: two host-side values per expert (16 MiB at a million experts) plus `2·√N` counts per
+/// head.
 ///
 /// ```
 /// use peer_core::ExpertUsage;
@@ -18,16 +38,26 @@ use crate::peer::PeerRouting;
 /// usage.add(&[0, 1], &[0.5, 0.5]);
 /// assert_eq!(usage.usage(), 0.5);
 /// assert!((usage.unevenness() - (4f64.ln() + 0.5f64.ln())).abs() < 1e-12);
+/// assert_eq!(usage.selections(), 2);
+/// assert_eq!(usage.top_share(0.25), 0.5); // the busiest of the 4 experts took 1 of 2 selections
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExpertUsage {
     weight_per_expert: Vec<f64>,
+    selections_per_expert: Vec<u64>,
+    /// Per head, the selections of each sub-key of each half: `[heads][2][√N]`; empty until a
+    /// routing with heads was added, and always when N is not a perfect square.
+    sub_key_selections: Vec<[Vec<u64>; 2]>,
 }
 
 impl ExpertUsage {
     /// An empty accumulator for `num_experts` experts.
     pub fn new(num_experts: usize) -> Self {
-        Self { weight_per_expert: vec![0.0; num_experts] }
+        Self {
+            weight_per_expert: vec![0.0; num_experts],
+            selections_per_expert: vec![0; num_experts],
+            sub_key_selections: Vec::new(),
+        }
     }
 
     /// Number of experts N.
@@ -35,11 +65,21 @@ impl ExpertUsage {
         self.weight_per_expert.len()
     }
 
-    /// Adds router weights: `weights[j]` goes to expert `expert_ids[j]`.
+    /// Adds router weights of one head: `weights[j]` goes to expert `expert_ids[j]`.
     ///
     /// # Panics
     /// If the slices differ in length or an id is outside `0..N`.
     pub fn add(&mut self, expert_ids: &[i64], weights: &[f64]) {
+        self.add_heads(expert_ids, weights, 1, expert_ids.len().max(1));
+    }
+
+    /// Adds router weights of `heads` heads of `k` experts each, laid out `[.., heads, k]`:
+    /// `weights[j]` goes to expert `expert_ids[j]`, which head `(j / k) % heads` retrieved.
+    ///
+    /// # Panics
+    /// If the slices differ in length, their length is not a multiple of `heads · k`, or an
+    /// id is outside `0..N`.
+    pub fn add_heads(&mut self, expert_ids: &[i64], weights: &[f64], heads: usize, k: usize) {
         assert_eq!(
             expert_ids.len(),
             weights.len(),
@@ -47,21 +87,38 @@ impl ExpertUsage {
             expert_ids.len(),
             weights.len()
         );
+        assert!(
+            heads > 0 && k > 0 && expert_ids.len().is_multiple_of(heads * k),
+            "ExpertUsage::add_heads: {} ids do not split into [.., heads = {heads}, k = {k}]",
+            expert_ids.len()
+        );
         let n = self.weight_per_expert.len();
-        for (&id, &weight) in expert_ids.iter().zip(weights) {
+        let root = exact_sqrt(n);
+        if root.is_some() && self.sub_key_selections.len() < heads {
+            let root = root.unwrap_or(0);
+            self.sub_key_selections.resize_with(heads, || [vec![0; root], vec![0; root]]);
+        }
+        for (position, (&id, &weight)) in expert_ids.iter().zip(weights).enumerate() {
             let slot = usize::try_from(id)
                 .ok()
                 .filter(|&i| i < n)
                 .unwrap_or_else(|| panic!("ExpertUsage::add: expert id {id} outside 0..{n}"));
             self.weight_per_expert[slot] += weight;
+            self.selections_per_expert[slot] += 1;
+            if let Some(root) = root {
+                let [first, second] = &mut self.sub_key_selections[(position / k) % heads];
+                first[slot / root] += 1;
+                second[slot % root] += 1;
+            }
         }
     }
 
     /// Adds the routing of one forward pass (reads it back to the host).
     pub fn add_routing(&mut self, routing: &PeerRouting) {
+        let [_, _, heads, k] = routing.expert_ids.dims();
         let ids: Vec<i64> = routing.expert_ids.to_data().iter::<i64>().collect();
         let weights: Vec<f64> = routing.router_weights.to_data().iter::<f64>().collect();
-        self.add(&ids, &weights);
+        self.add_heads(&ids, &weights, heads, k);
     }
 
     /// Adds everything another accumulator has seen.
@@ -73,16 +130,40 @@ impl ExpertUsage {
         for (a, b) in self.weight_per_expert.iter_mut().zip(&other.weight_per_expert) {
             *a += b;
         }
+        for (a, b) in self.selections_per_expert.iter_mut().zip(&other.selections_per_expert) {
+            *a += b;
+        }
+        if self.sub_key_selections.len() < other.sub_key_selections.len() {
+            let root = exact_sqrt(self.num_experts()).unwrap_or(0);
+            self.sub_key_selections.resize_with(other.sub_key_selections.len(), || [vec![0; root], vec![0; root]]);
+        }
+        for (mine, theirs) in self.sub_key_selections.iter_mut().zip(&other.sub_key_selections) {
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+            }
+        }
     }
 
     /// Forgets everything seen so far.
     pub fn reset(&mut self) {
         self.weight_per_expert.fill(0.0);
+        self.selections_per_expert.fill(0);
+        self.sub_key_selections.clear();
     }
 
-    /// The accumulated `z'`.
+    /// The accumulated router weights `z'`.
     pub fn weights(&self) -> &[f64] {
         &self.weight_per_expert
+    }
+
+    /// How many times each expert was selected.
+    pub fn selection_counts(&self) -> &[u64] {
+        &self.selections_per_expert
+    }
+
+    /// Selections S seen in all: one per retrieved (token, head, expert).
+    pub fn selections(&self) -> u64 {
+        self.selections_per_expert.iter().sum()
     }
 
     /// Fraction of experts with a positive accumulated weight, in `[0, 1]` (0 before any data).
@@ -92,6 +173,15 @@ impl ExpertUsage {
         }
         let used = self.weight_per_expert.iter().filter(|&&w| w > 0.0).count();
         used as f64 / self.weight_per_expert.len() as f64
+    }
+
+    /// The usage that the same number of selections reach when spread uniformly at random:
+    /// `1 − exp(−S/N)`.
+    pub fn uniform_ceiling(&self) -> f64 {
+        if self.weight_per_expert.is_empty() {
+            return 0.0;
+        }
+        1.0 - (-(self.selections() as f64) / self.num_experts() as f64).exp()
     }
 
     /// `KL(z ‖ uniform)` in nats; `None` before any positive weight was added.
@@ -115,5 +205,209 @@ impl ExpertUsage {
     /// `KL(z ‖ uniform)` in nats, `NaN` before any positive weight was added.
     pub fn unevenness(&self) -> f64 {
         self.try_unevenness().unwrap_or(f64::NAN)
+    }
+
+    /// Share of all selections, in `[0, 1]`, taken by the ⌈`fraction`·N⌉ most selected experts
+    /// (at least one); `NaN` before any selection. Even routing gives about `fraction`.
+    ///
+    /// # Panics
+    /// If `fraction` is not in `(0, 1]`.
+    pub fn top_share(&self, fraction: f64) -> f64 {
+        assert!(fraction > 0.0 && fraction <= 1.0, "ExpertUsage::top_share: fraction {fraction} not in (0, 1]");
+        let total = self.selections();
+        if total == 0 {
+            return f64::NAN;
+        }
+        let top = ((fraction * self.num_experts() as f64).ceil() as usize).clamp(1, self.num_experts());
+        let load = self.sorted_load();
+        load[..top].iter().sum::<u64>() as f64 / total as f64
+    }
+
+    /// The selection count of every expert, most selected first (the curve of a load plot).
+    pub fn sorted_load(&self) -> Vec<u64> {
+        let mut load = self.selections_per_expert.clone();
+        load.sort_unstable_by(|a, b| b.cmp(a));
+        load
+    }
+
+    /// For each head, how many of the √N sub-keys of each half appear in at least one retrieved
+    /// expert: `[first half, second half]` per head. Empty when N is not a perfect square or no
+    /// routing with heads was added ([`add`](Self::add) counts as one head).
+    pub fn sub_keys_used(&self) -> Vec<[usize; 2]> {
+        self.sub_key_selections
+            .iter()
+            .map(|halves| halves.each_ref().map(|counts| counts.iter().filter(|&&c| c > 0).count()))
+            .collect()
+    }
+
+    /// How the unevenness of the selections splits between the two halves of the product key:
+    /// `[KL₁, KL₂, I]`, in nats, with the selection counts of all heads as distributions (the
+    /// joint over experts `(i, j)`, its marginals over first-half sub-keys i and second-half
+    /// sub-keys j): `KL_h = log √N − H(half h)` and the mutual information
+    /// `I = H(i) + H(j) − H(i, j)`. They add up to `log N − H(i, j)`, the unevenness of the
+    /// selection counts: `KL₁ + KL₂` is what unbalanced sub-keys cost, `I` what pairing the
+    /// same sub-keys together costs. `None` when N is not a perfect square or nothing was
+    /// selected.
+    pub fn unevenness_split(&self) -> Option<[f64; 3]> {
+        let root = exact_sqrt(self.num_experts())?;
+        let total = self.selections() as f64;
+        if total == 0.0 {
+            return None;
+        }
+        let entropy = |counts: &mut dyn Iterator<Item = u64>| -> f64 {
+            counts.filter(|&c| c > 0).map(|c| c as f64 / total).map(|p| -p * p.ln()).sum()
+        };
+        let (mut first, mut second) = (vec![0u64; root], vec![0u64; root]);
+        for (id, &count) in self.selections_per_expert.iter().enumerate() {
+            first[id / root] += count;
+            second[id % root] += count;
+        }
+        let joint = entropy(&mut self.selections_per_expert.iter().copied());
+        let (h1, h2) = (entropy(&mut first.into_iter()), entropy(&mut second.into_iter()));
+        let log_root = (root as f64).ln();
+        Some([log_root - h1, log_root - h2, h1 + h2 - joint])
+    }
+
+    /// Selections of each sub-key, `[head][half][sub-key]` (see [`sub_keys_used`](Self::sub_keys_used)).
+    pub fn sub_key_selections(&self) -> &[[Vec<u64>; 2]] {
+        &self.sub_key_selections
+    }
+}
+
+/// Minimum, median, 99th percentile and maximum of a set of values (nearest rank).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    /// Smallest value.
+    pub min: f64,
+    /// Median (the value of rank ⌈n/2⌉).
+    pub median: f64,
+    /// 99th percentile (the value of rank ⌈0.99·n⌉).
+    pub p99: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of `values`; all NaN when empty.
+    pub fn of(values: &[f32]) -> Self {
+        let mut sorted: Vec<f64> = values.iter().map(|&v| v as f64).collect();
+        sorted.sort_by(f64::total_cmp);
+        let rank = |q: f64| {
+            let n = sorted.len();
+            if n == 0 { f64::NAN } else { sorted[((q * n as f64).ceil() as usize).clamp(1, n) - 1] }
+        };
+        Self { min: rank(0.0), median: rank(0.5), p99: rank(0.99), max: rank(1.0) }
+    }
+}
+
+/// Everything the routing diagnostics report for one PEER or PKM layer: the statistics of an
+/// [`ExpertUsage`] (see there for the definitions) and the state of its [`ProductKeys`].
+///
+/// ```
+/// use burn::tensor::{Device, Distribution, Tensor};
+/// use peer_core::{ExpertUsage, PeerConfig, RoutingReport};
+///
+/// let device = Device::flex();
+/// let peer = PeerConfig::new(16, 8 * 8).with_heads(2).with_top_k(4).with_key_dim(8).init(&device);
+/// let x = Tensor::<3>::random([2, 16, 16], Distribution::Normal(0.0, 1.0), &device);
+/// let mut usage = ExpertUsage::new(64);
+/// usage.add_routing(&peer.route(x));
+/// let report = RoutingReport::new(&usage, Some(&peer.product_keys));
+/// assert_eq!(report.selections, 2 * 16 * 2 * 4);
+/// assert_eq!(report.sub_keys_used.len(), 2); // per head
+/// println!("{report}");
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutingReport {
+    /// Experts N.
+    pub num_experts: usize,
+    /// Selections S counted.
+    pub selections: u64,
+    /// Expert usage, a fraction.
+    pub usage: f64,
+    /// The usage of S uniform selections, `1 − exp(−S/N)`.
+    pub uniform_ceiling: f64,
+    /// KL of the router-weight distribution from uniform, nats.
+    pub unevenness: f64,
+    /// Share of the selections taken by the top 1% of experts.
+    pub top_1_percent_share: f64,
+    /// √N, the size of each sub-key set.
+    pub num_sub_keys: usize,
+    /// Sub-keys of each half that appear in a retrieved expert, per head.
+    pub sub_keys_used: Vec<[usize; 2]>,
+    /// The selection counts' unevenness split into the two halves' marginals and their mutual
+    /// information, `[KL₁, KL₂, I]` nats (see [`ExpertUsage::unevenness_split`]).
+    pub unevenness_split: Option<[f64; 3]>,
+    /// Norms of the sub-keys as scored, per key set and half (empty without keys).
+    pub sub_key_norms: Vec<[Spread; 2]>,
+    /// The score scale s of a normalised scoring (1 for the inner product).
+    pub score_scale: f64,
+}
+
+impl RoutingReport {
+    /// The report of what `usage` accumulated, with the key statistics of `keys` when given.
+    pub fn new(usage: &ExpertUsage, keys: Option<&ProductKeys>) -> Self {
+        Self {
+            num_experts: usage.num_experts(),
+            selections: usage.selections(),
+            usage: usage.usage(),
+            uniform_ceiling: usage.uniform_ceiling(),
+            unevenness: usage.unevenness(),
+            top_1_percent_share: usage.top_share(0.01),
+            num_sub_keys: exact_sqrt(usage.num_experts()).unwrap_or(0),
+            sub_keys_used: usage.sub_keys_used(),
+            unevenness_split: usage.unevenness_split(),
+            sub_key_norms: keys
+                .map(|k| k.sub_key_norms().iter().map(|halves| halves.each_ref().map(|n| Spread::of(n))).collect())
+                .unwrap_or_default(),
+            score_scale: keys.map_or(1.0, ProductKeys::scale),
+        }
+    }
+}
+
+impl fmt::Display for RoutingReport {
+    /// Several lines: usage against its ceiling, unevenness, top-1% share, sub-keys used,
+    /// sub-key norms.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "expert usage {:.1}% of {} (uniform ceiling {:.1}% for {} selections), unevenness {:.3} nats, \
+             top 1% of experts take {:.1}% of selections",
+            100.0 * self.usage,
+            self.num_experts,
+            100.0 * self.uniform_ceiling,
+            self.selections,
+            self.unevenness,
+            100.0 * self.top_1_percent_share
+        )?;
+        let used: Vec<String> = self.sub_keys_used.iter().map(|[a, b]| format!("{a}/{b}")).collect();
+        write!(f, "sub-keys used per head (first/second half, of {}): {}", self.num_sub_keys, used.join(" "))?;
+        if let Some([first, second, shared]) = self.unevenness_split {
+            write!(
+                f,
+                "\nselection unevenness {:.3} nats = first half {first:.3} + second half {second:.3} + \
+                 pairing (mutual information) {shared:.3}",
+                first + second + shared
+            )?;
+        }
+        for (set, halves) in self.sub_key_norms.iter().enumerate() {
+            write!(f, "\nsub-key norms (key set {set}):")?;
+            for (half, s) in halves.iter().enumerate() {
+                write!(
+                    f,
+                    "{} half {} min {:.3} median {:.3} p99 {:.3} max {:.3}",
+                    if half == 0 { "" } else { ";" },
+                    half + 1,
+                    s.min,
+                    s.median,
+                    s.p99,
+                    s.max
+                )?;
+            }
+        }
+        if self.score_scale != 1.0 {
+            write!(f, "\nscore scale {:.3}", self.score_scale)?;
+        }
+        Ok(())
     }
 }

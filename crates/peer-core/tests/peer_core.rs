@@ -2,6 +2,7 @@
 
 mod peer_core {
     pub mod backends;
+    pub mod balance;
     pub mod batch_norm_eval;
     pub mod config_errors;
     pub mod gradients;

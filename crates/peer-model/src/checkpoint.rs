@@ -131,11 +131,14 @@ pub fn save_model(
 pub fn load_config(dir: &Path) -> Result<TransformerConfig, CheckpointError> {
     let path = dir.join(CONFIG_FILE);
     let text = read(&path)?;
-    let config: TransformerConfig = serde_json::from_str(&text).map_err(|e| CheckpointError::Corrupt {
+    let corrupt = |e: serde_json::Error| CheckpointError::Corrupt {
         path: path.clone(),
         what: "model configuration",
         reason: e.to_string(),
-    })?;
+    };
+    let mut value: serde_json::Value = serde_json::from_str(&text).map_err(corrupt)?;
+    crate::config::complete_legacy_json(&mut value);
+    let config: TransformerConfig = serde_json::from_value(value).map_err(corrupt)?;
     config.validate().map_err(|source| CheckpointError::InvalidConfig { path, source })?;
     Ok(config)
 }

@@ -205,3 +205,35 @@ impl TransformerConfig {
         Ok(())
     }
 }
+
+/// Fields PEER and PKM configurations gained after models were first saved, with the value
+/// that means what a configuration written without them meant: a model directory or training
+/// configuration from an earlier version loads as the model it was.
+const ADDED_PRODUCT_KEY_FIELDS: [(&str, fn() -> serde_json::Value); 5] = [
+    ("scoring", || serde_json::json!("Dot")),
+    ("score_scale", || serde_json::Value::Null),
+    ("balance_loss", || serde_json::json!(0.0)),
+    ("balance", || serde_json::json!("SubKeys")),
+    ("expert_up_init_std", || serde_json::Value::Null),
+];
+
+/// Completes, in place, every PEER and PKM configuration inside `value` (a serialised
+/// [`TransformerConfig`] or anything that holds one) that lacks a field added later, with the
+/// value that reproduces the earlier behaviour. Burn's `Config` derive requires every field
+/// when deserialising; call this on the JSON first.
+pub fn complete_legacy_json(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (key, inner) in fields.iter_mut() {
+                if let ("Peer" | "Pkm", serde_json::Value::Object(layer)) = (key.as_str(), &mut *inner) {
+                    for (field, legacy) in ADDED_PRODUCT_KEY_FIELDS {
+                        layer.entry(field).or_insert_with(legacy);
+                    }
+                }
+                complete_legacy_json(inner);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(complete_legacy_json),
+        _ => {}
+    }
+}

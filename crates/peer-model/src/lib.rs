@@ -16,7 +16,7 @@ mod generate;
 mod model;
 
 pub use attention::{CausalSelfAttention, KvCache};
-pub use config::{BlockFeedForward, FeedForwardConfig, TransformerConfig};
+pub use config::{BlockFeedForward, FeedForwardConfig, TransformerConfig, complete_legacy_json};
 pub use cost::{ModelCost, size_to_flops};
 pub use generate::{GenerateError, SamplingConfig, sample};
 pub use model::{BlockRouting, FeedForward, ModelOutput, Transformer, TransformerBlock};

@@ -6,7 +6,7 @@ use burn::nn::{
     Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding, RotaryEncodingConfig,
 };
 use burn::tensor::{Device, Int, Tensor};
-use peer_core::{ConfigError, DenseFfw, ExpertTape, Moe, Peer, PeerRouting, Pkm};
+use peer_core::{ConfigError, DenseFfw, ExpertTape, Moe, Peer, PeerRouting, Pkm, ProductKeys};
 
 use crate::attention::{CausalSelfAttention, KvCache};
 use crate::config::{FeedForwardConfig, TransformerConfig};
@@ -42,7 +42,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: Tensor<3>, tape: Option<&mut ExpertTape>) -> FeedForwardOutput {
-        let (output, aux_loss, routing) = match (self, tape) {
+        let (output, aux_loss, mut routing) = match (self, tape) {
             (Self::Peer(layer), Some(tape)) => {
                 let (y, routing) = layer.forward_taped(x, tape);
                 (y, None, Some(routing))
@@ -61,6 +61,8 @@ impl FeedForward {
                 (y, None, Some(routing))
             }
         };
+        // The balance loss of a PEER/PKM layer is an auxiliary loss like the MoE's.
+        let aux_loss = aux_loss.or_else(|| routing.as_mut().and_then(|r| r.balance_loss.take()));
         FeedForwardOutput { output, aux_loss, routing }
     }
 }
@@ -94,7 +96,8 @@ pub struct BlockRouting {
 pub struct ModelOutput {
     /// Next-token logits, `[batch, seq, vocab]`.
     pub logits: Tensor<3>,
-    /// Sum of the blocks' weighted auxiliary losses (MoE load balancing), `[1]`.
+    /// Sum of the blocks' weighted auxiliary losses (MoE load balancing, PEER/PKM sub-key
+    /// balance), `[1]`.
     pub aux_loss: Tensor<1>,
     /// Routing of every PKM/PEER block.
     pub routings: Vec<BlockRouting>,
@@ -215,15 +218,16 @@ impl Transformer {
             let slot = cache.as_deref_mut().map(|c| c.layer(index));
             x = x.clone() + block.attention.forward(block.attention_norm.forward(x), &self.rope, slot);
             let ffw = block.feed_forward.forward(block.feed_forward_norm.forward(x.clone()), tape.as_deref_mut());
+            if let Some(aux) = ffw.aux_loss {
+                aux_loss = aux_loss + aux;
+            }
             if let (FeedForward::Peer(_), Some(tape)) = (&block.feed_forward, tape.as_deref_mut()) {
-                // Tensors that continue past a taped block leave its graph segment as leaves.
+                // Tensors that continue past a taped block leave its graph segment as leaves
+                // (its own balance loss included: it depends on the block's queries).
                 x = tape.cut(x);
                 aux_loss = tape.cut(aux_loss.reshape([1, 1, 1])).reshape([1]);
             }
             x = x + ffw.output;
-            if let Some(aux) = ffw.aux_loss {
-                aux_loss = aux_loss + aux;
-            }
             if let Some(routing) = ffw.routing {
                 routings.push(BlockRouting { block: index, num_experts: block.num_experts(), routing });
             }
@@ -291,6 +295,17 @@ impl Transformer {
             FeedForward::Peer(peer) => Some(peer),
             _ => None,
         })
+    }
+}
+
+impl Transformer {
+    /// The product keys of block `block` when it is a PEER or PKM block.
+    pub fn product_keys(&self, block: usize) -> Option<&ProductKeys> {
+        match &self.blocks.get(block)?.feed_forward {
+            FeedForward::Peer(p) => Some(&p.product_keys),
+            FeedForward::Pkm(p) => Some(&p.product_keys),
+            _ => None,
+        }
     }
 }
 

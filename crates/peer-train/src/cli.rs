@@ -5,14 +5,15 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::tensor::{Device, DeviceKind};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use peer_model::SamplingConfig;
-use peer_model::checkpoint::{load_config, load_model};
+use peer_core::{DenseFfwConfig, MoeConfig, MoeRouting, PkmConfig};
+use peer_model::checkpoint::{load_config, load_model, write_atomic};
+use peer_model::{FeedForwardConfig, SamplingConfig};
 
 use crate::corpus::{Corpus, bundled_corpus};
 use crate::error::TrainError;
 use crate::learner::ExpertUpdates;
 use crate::tokenizer::TextTokenizer;
-use crate::training::{PreparedData, TrainOptions, TrainingConfig, evaluate, load_training_config, train};
+use crate::training::{Evaluation, PreparedData, TrainOptions, TrainingConfig, evaluate, load_training_config, train};
 
 /// Train, evaluate and sample PEER (Mixture of A Million Experts) language models with Burn.
 ///
@@ -44,6 +45,20 @@ enum ExpertUpdatesArg {
     Sparse,
     /// Every row (autodiff + AdamW).
     Dense,
+}
+
+/// `--ffn`: what the PEER block of the configuration becomes.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum FfnArg {
+    /// The PEER block as configured.
+    Peer,
+    /// A dense GELU feed-forward whose hidden width gives the PEER block's FLOPs per token.
+    Dense,
+    /// A mixture of 16 experts (expert-choice routing) sized to the PEER block's FLOPs.
+    Moe,
+    /// A product-key memory with the PEER block's N, heads and top-k, its key dimension sized to
+    /// the PEER block's FLOPs.
+    Pkm,
 }
 
 /// Where tensors live.
@@ -120,9 +135,27 @@ struct TrainArgs {
     /// AdamW; `dense`: autodiff and AdamW over every row).
     #[arg(long, value_enum)]
     expert_updates: Option<ExpertUpdatesArg>,
+    /// The feed-forward of the PEER block(s): `peer` as configured, or a `dense`, `moe` or
+    /// `pkm` layer of the same FLOPs per token (as `cargo xtask bench models` compares them).
+    /// Applied after `--num-experts`, `--heads` and `--top-k`.
+    #[arg(long, value_enum)]
+    ffn: Option<FfnArg>,
+    /// Override: experts N of the PEER block(s) (a perfect square).
+    #[arg(long)]
+    num_experts: Option<usize>,
+    /// Override: retrieval heads h of the PEER block(s).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Override: experts per head k of the PEER block(s) (at most √N).
+    #[arg(long)]
+    top_k: Option<usize>,
     /// Prompt of the sample printed after training.
     #[arg(long, default_value = "In the beginning")]
     prompt: String,
+    /// Print the training configuration (JSON, with the overrides applied: a starting point for
+    /// `--config`) and exit without training.
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[derive(Args, Debug)]
@@ -135,9 +168,9 @@ struct EvalArgs {
     /// Sequences per batch.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    /// At most this many validation windows.
-    #[arg(long, default_value_t = 256)]
-    max_windows: usize,
+    /// At most this many validation windows (evenly spaced) [default: the whole split].
+    #[arg(long)]
+    max_windows: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -238,6 +271,11 @@ fn run_train(args: TrainArgs) -> Result<(), TrainError> {
             ExpertUpdatesArg::Dense => ExpertUpdates::Dense,
         };
     }
+    apply_layer_overrides(&mut config, &args)?;
+    if args.print_config {
+        println!("{}", serde_json::to_string_pretty(&config).expect("configurations serialise"));
+        return Ok(());
+    }
     let device = args.data.device.device()?;
     let (corpus, tokenizer) = load_data(&args.data, config.vocab_size)?;
     println!(
@@ -269,14 +307,75 @@ fn run_train(args: TrainArgs) -> Result<(), TrainError> {
         artifact_dir: args.out.clone(),
         resume: args.resume,
     })?;
-    print_evaluation(&summary.evaluation);
+    print_evaluation(&summary.evaluation, &args.out);
     println!("model saved to {}", summary.model_dir.display());
     let (_, model, _) = load_model(&summary.model_dir, &device)?;
     let sampling = SamplingConfig::new().with_temperature(0.8).with_top_p(Some(0.95)).with_seed(0);
     print_sample(&model, &tokenizer, &args.prompt, 64, &sampling)
 }
 
-fn print_evaluation(e: &crate::training::Evaluation) {
+/// `--num-experts`, `--heads`, `--top-k` on every PEER block, then `--ffn`.
+fn apply_layer_overrides(config: &mut TrainingConfig, args: &TrainArgs) -> Result<(), TrainError> {
+    let error = |field: &'static str, message: String| TrainError::Config {
+        context: "command line".into(),
+        source: peer_core::ConfigError::new(field, message),
+    };
+    let model = &mut config.model;
+    let mut peers: Vec<&mut peer_core::PeerConfig> = model
+        .block_feed_forward
+        .iter_mut()
+        .map(|b| &mut b.feed_forward)
+        .chain(std::iter::once(&mut model.feed_forward))
+        .filter_map(|f| match f {
+            FeedForwardConfig::Peer(peer) => Some(peer),
+            _ => None,
+        })
+        .collect();
+    let sizes = [("--num-experts", args.num_experts), ("--heads", args.heads), ("--top-k", args.top_k)];
+    let ffn = args.ffn.filter(|f| *f != FfnArg::Peer);
+    if peers.is_empty() {
+        let named = sizes.iter().find(|(_, v)| v.is_some()).map(|(f, _)| *f).or(ffn.map(|_| "--ffn"));
+        if let Some(flag) = named {
+            return Err(error(flag, "the configuration has no PEER block to apply it to".into()));
+        }
+        return Ok(());
+    }
+    for peer in peers.iter_mut() {
+        if let Some(n) = args.num_experts {
+            peer.num_experts = n;
+        }
+        if let Some(h) = args.heads {
+            peer.heads = h;
+        }
+        if let Some(k) = args.top_k {
+            peer.top_k = k;
+        }
+        peer.validate().map_err(|source| TrainError::Config { context: "command line".into(), source })?;
+    }
+    let Some(ffn) = ffn else { return Ok(()) };
+    let peer = peers[0].clone();
+    if model.block_feed_forward.is_empty() || matches!(model.feed_forward, FeedForwardConfig::Peer(_)) {
+        return Err(error(
+            "--ffn",
+            "needs a configuration whose PEER layers are block overrides (as the default's middle block)".into(),
+        ));
+    }
+    let template = match ffn {
+        FfnArg::Dense => FeedForwardConfig::Dense(DenseFfwConfig::new(model.d_model, 1)),
+        FfnArg::Moe => {
+            FeedForwardConfig::Moe(MoeConfig::new(model.d_model, 16, 1).with_routing(MoeRouting::ExpertChoice))
+        }
+        FfnArg::Pkm => FeedForwardConfig::Pkm(
+            PkmConfig::new(model.d_model, peer.num_experts).with_heads(peer.heads).with_top_k(peer.top_k),
+        ),
+        FfnArg::Peer => unreachable!("filtered above"),
+    };
+    *model = model.flop_matched(&template).map_err(|source| TrainError::Config { context: "--ffn".into(), source })?;
+    Ok(())
+}
+
+/// Prints the evaluation and draws the expert-load chart into `dir`.
+fn print_evaluation(e: &Evaluation, dir: &Path) {
     println!(
         "validation perplexity {:.2} (unigram baseline {:.2}, {:.1}× lower) over {} tokens",
         e.perplexity,
@@ -284,8 +383,14 @@ fn print_evaluation(e: &crate::training::Evaluation) {
         e.unigram_perplexity / e.perplexity,
         e.tokens
     );
-    for (block, usage, unevenness) in &e.expert_usage {
-        println!("block {block}: expert usage {:.1}%, unevenness {:.3} nats", 100.0 * usage, unevenness);
+    for block in &e.routing {
+        for (i, line) in block.report.to_string().lines().enumerate() {
+            println!("{}{line}", if i == 0 { format!("block {}: ", block.block) } else { "  ".into() });
+        }
+    }
+    match e.draw_load_chart(dir) {
+        Ok(paths) => paths.iter().for_each(|p| println!("expert load chart: {}", p.display())),
+        Err(why) => eprintln!("expert load chart not drawn: {why}"),
     }
 }
 
@@ -323,9 +428,12 @@ fn run_eval(args: EvalArgs) -> Result<(), TrainError> {
     let tokenizer = checkpoint_tokenizer(&args.checkpoint, args.data.tokenizer.as_ref())?;
     let (config, model, _) = load_model(&args.checkpoint, &device)?;
     let data = PreparedData::new(&corpus, &tokenizer, config.max_seq_len)?;
-    let evaluation =
-        evaluate(&model, &data, config.max_seq_len, args.batch_size.max(1), args.max_windows.max(1), &device)?;
-    print_evaluation(&evaluation);
+    let windows = args.max_windows.map(|w| w.max(1));
+    let evaluation = evaluate(&model, &data, config.max_seq_len, args.batch_size.max(1), windows, &device)?;
+    let file = args.checkpoint.join("evaluation.json");
+    write_atomic(&file, serde_json::to_string_pretty(&evaluation).expect("serialises").as_bytes())?;
+    print_evaluation(&evaluation, &args.checkpoint);
+    println!("evaluation written to {}", file.display());
     Ok(())
 }
 

@@ -8,11 +8,13 @@
 //! - [`data`]: token windows as a `burn-dataset` `Dataset` and a `Batcher`.
 //! - [`training`]: `SupervisedTraining` + `Learner` with AdamW (expert tables in their own
 //!   group), warm-up + cosine, clipping, atomic checkpoints, `--resume`, NaN guard.
+//! - [`charts`]: PNG charts drawn by the repository's `tools/plot`.
 //! - [`metrics`]: tokens/s, expert usage and unevenness as Burn metrics.
 //! - [`renderer`]: plain progress lines when stdout is not a terminal (Burn's dashboard otherwise).
 //! - [`cli`]: `peer train | eval | generate | info`.
 #![warn(missing_docs)]
 
+pub mod charts;
 pub mod cli;
 pub mod corpus;
 pub mod data;

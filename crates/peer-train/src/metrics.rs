@@ -169,17 +169,21 @@ impl Numeric for TokensPerSecondMetric {
     }
 }
 
-/// Which routing statistic an [`ExpertUsageMetric`] reports.
+/// Which routing statistic an [`ExpertUsageMetric`] reports (definitions in [`ExpertUsage`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RoutingStatistic {
     /// Percentage of experts that received any router weight.
     Usage,
     /// KL divergence of the router-weight distribution from uniform (nats).
     Unevenness,
+    /// Percentage of the selections taken by the top 1% of experts (1% when even).
+    TopShare,
 }
 
-/// The paper's expert usage or unevenness over everything seen in the epoch, built on
-/// [`ExpertUsage`]. With several PKM/PEER blocks, the mean over blocks is reported.
+/// A routing statistic over everything seen in the epoch (training batches or validation
+/// windows), built on [`ExpertUsage`]: the paper's expert usage and unevenness, and the share
+/// of the top 1% of experts, so collapse shows while training runs. With several PKM/PEER
+/// blocks, the mean over blocks is reported.
 #[derive(Clone)]
 pub struct ExpertUsageMetric {
     name: MetricName,
@@ -193,6 +197,7 @@ impl ExpertUsageMetric {
         let name = match statistic {
             RoutingStatistic::Usage => "Expert usage",
             RoutingStatistic::Unevenness => "Expert unevenness",
+            RoutingStatistic::TopShare => "Top 1% experts' share",
         };
         Self { name: Arc::new(name.into()), statistic, blocks: Vec::new() }
     }
@@ -207,6 +212,7 @@ impl ExpertUsageMetric {
             .map(|(_, usage)| match self.statistic {
                 RoutingStatistic::Usage => 100.0 * usage.usage(),
                 RoutingStatistic::Unevenness => usage.unevenness(),
+                RoutingStatistic::TopShare => 100.0 * usage.top_share(0.01),
             })
             .sum();
         sum / self.blocks.len() as f64
@@ -214,7 +220,7 @@ impl ExpertUsageMetric {
 
     fn unit(&self) -> &'static str {
         match self.statistic {
-            RoutingStatistic::Usage => "%",
+            RoutingStatistic::Usage | RoutingStatistic::TopShare => "%",
             RoutingStatistic::Unevenness => "",
         }
     }

@@ -19,11 +19,12 @@ use burn::tensor::Device;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::{LearningRateMetric, LossMetric, PerplexityMetric};
 use burn::train::{Learner, SupervisedTraining};
-use peer_core::{ConfigError, ExpertUsage, PeerConfig, QueryNorm};
+use peer_core::{ConfigError, ExpertUsage, PeerConfig, QueryNorm, RoutingReport};
 use peer_model::checkpoint::{CheckpointMeta, save_model, write_atomic};
 use peer_model::{FeedForwardConfig, Transformer, TransformerConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::charts::{Chart, ChartSeries, try_draw_charts};
 use crate::corpus::Corpus;
 use crate::data::{LmBatcher, TokenWindows};
 use crate::error::{TrainError, io};
@@ -54,8 +55,12 @@ pub struct TrainingConfig {
     #[config(default = 3e-3)]
     pub learning_rate: f64,
     /// Peak learning rate of the expert tables (PEER `experts.down/up`, PKM `values`): their
-    /// own AdamW group without weight decay, as PKM and Meta's memory layers do.
-    #[config(default = 3e-3)]
+    /// own AdamW group without weight decay, as PKM and Meta's memory layers do. The default,
+    /// 3e-2 (10× `learning_rate`, on the same warm-up and decay), recovers the perplexity that
+    /// the balance loss costs at the expert tables' old 3e-3 (README, "Routing"): under even
+    /// routing each row is retrieved in few steps, so each update must move it further
+    /// (UltraMem raises the tables' rate for the same reason).
+    #[config(default = 3e-2)]
     pub expert_learning_rate: f64,
     /// Linear warm-up steps (capped at a fifth of the run, so short runs still decay).
     #[config(default = 50)]
@@ -69,7 +74,8 @@ pub struct TrainingConfig {
     /// Seed of the data sampler and of Burn's parameter initialisation.
     #[config(default = 42)]
     pub seed: u64,
-    /// At most this many validation windows are evaluated per epoch (evenly spaced).
+    /// At most this many validation windows are evaluated per epoch (evenly spaced); the final
+    /// evaluation covers the whole validation split.
     #[config(default = 64)]
     pub max_validation_windows: usize,
     /// Data-loading threads.
@@ -84,7 +90,8 @@ pub struct TrainingConfig {
 
 impl TrainingConfig {
     /// The main job's default: a 4-block LM (d_model 128, seq_len 128) with PEER in the middle
-    /// block (N = 128² experts, 4 heads × top-8, key_dim 64, BatchNorm queries) and dense GELU
+    /// block (N = 128² experts, 4 heads × top-8, key_dim 64, BatchNorm queries, one key set per
+    /// head, expert balance loss 0.03: [`PeerConfig`]'s defaults) and dense GELU
     /// feed-forwards (hidden 512) elsewhere. Sized to train (8 × 120 steps of 2,048 tokens) in about ten minutes on 2 cores.
     pub fn small_peer() -> Self {
         let d_model = 128;
@@ -315,9 +322,11 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
         .num_epochs(config.epochs)
         .summary();
     if has_experts {
-        training = training
-            .metric_valid_numeric(ExpertUsageMetric::new(RoutingStatistic::Usage))
-            .metric_valid_numeric(ExpertUsageMetric::new(RoutingStatistic::Unevenness));
+        for statistic in [RoutingStatistic::Usage, RoutingStatistic::Unevenness, RoutingStatistic::TopShare] {
+            training = training
+                .metric_train_numeric(ExpertUsageMetric::new(statistic))
+                .metric_valid_numeric(ExpertUsageMetric::new(statistic));
+        }
     }
     if !std::io::stdout().is_terminal() {
         training = training.renderer(Box::new(LineRenderer::default()));
@@ -349,7 +358,8 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
         notes: format!("trained on {}", corpus.path.display()),
     };
     save_model(&model_dir, &config.model, &transformer, &meta)?;
-    let evaluation = evaluate(&transformer, &data, seq_len, config.batch_size, config.max_validation_windows, &device)?;
+    // The final evaluation covers the whole validation split.
+    let evaluation = evaluate(&transformer, &data, seq_len, config.batch_size, None, &device)?;
     write_atomic(
         &artifact_dir.join("evaluation.json"),
         serde_json::to_string_pretty(&evaluation).expect("serialises").as_bytes(),
@@ -373,22 +383,81 @@ pub struct Evaluation {
     pub unigram_perplexity: f64,
     /// Tokens evaluated.
     pub tokens: usize,
-    /// Expert usage (fraction) and unevenness of each PEER/PKM block: `(block, usage, unevenness)`.
-    pub expert_usage: Vec<(usize, f64, f64)>,
+    /// The routing diagnostics of each PEER/PKM block, in block order.
+    pub routing: Vec<BlockDiagnostics>,
 }
 
-/// Perplexity, unigram baseline and expert usage of `model` on the validation split, on a
-/// plain (non-autodiff) device in evaluation mode, so BatchNorm uses its running statistics.
+/// The routing of one PEER or PKM block over the evaluated tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockDiagnostics {
+    /// Block index.
+    pub block: usize,
+    /// Usage against its uniform ceiling, unevenness, top-1% share, sub-keys, key norms.
+    pub report: RoutingReport,
+    /// The sorted expert load at about 200 log-spaced ranks: `(rank, selections)`, rank 1 the
+    /// busiest expert; ranks of unused experts are left out (a log axis has no zero).
+    pub load_curve: Vec<(f64, f64)>,
+}
+
+impl Evaluation {
+    /// Draws the sorted expert load of every block (log–log) as `<dir>/expert_load.png`; see
+    /// [`crate::charts`] for when that is not possible.
+    pub fn draw_load_chart(&self, dir: &Path) -> Result<Vec<PathBuf>, String> {
+        if self.routing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut series: Vec<ChartSeries> = self
+            .routing
+            .iter()
+            .map(|b| ChartSeries {
+                label: format!("block {} (N = {})", b.block, b.report.num_experts),
+                points: b.load_curve.clone(),
+            })
+            .collect();
+        // What every expert would get if the selections were spread evenly.
+        for b in &self.routing {
+            let uniform = b.report.selections as f64 / b.report.num_experts as f64;
+            series.push(ChartSeries {
+                label: format!("block {}: even load ({uniform:.1})", b.block),
+                points: vec![(1.0, uniform), (b.report.num_experts as f64, uniform)],
+            });
+        }
+        let chart = Chart::lines(
+            "expert_load.png",
+            "Sorted expert load on the validation tokens",
+            "expert rank",
+            "selections",
+            true,
+            series,
+        )
+        .with_log_y();
+        try_draw_charts(dir, "expert_load", &[chart])
+    }
+}
+
+/// `(rank, load)` of the positive entries of a descending `load` at about 200 log-spaced ranks,
+/// the first and the last used rank included.
+pub fn load_curve(load: &[u64]) -> Vec<(f64, f64)> {
+    let used = load.iter().take_while(|&&c| c > 0).count();
+    let mut ranks: Vec<usize> = (0..=200).map(|i| (used as f64).powf(i as f64 / 200.0).round() as usize).collect();
+    ranks.retain(|&r| r >= 1 && r <= used);
+    ranks.dedup();
+    ranks.into_iter().map(|r| (r as f64, load[r - 1] as f64)).collect()
+}
+
+/// Perplexity, unigram baseline and routing diagnostics of `model` on the validation split
+/// (all of it, or at most `max_windows` evenly spaced windows), on a plain (non-autodiff)
+/// device in evaluation mode, so BatchNorm uses its running statistics.
 pub fn evaluate(
     model: &Transformer,
     data: &PreparedData,
     seq_len: usize,
     batch_size: usize,
-    max_windows: usize,
+    max_windows: Option<usize>,
     device: &Device,
 ) -> Result<Evaluation, TrainError> {
     let model = model.valid().fork(&device.clone().without_autodiff());
-    let windows = data.validation_windows(seq_len, max_windows);
+    let windows = data.validation_windows(seq_len, max_windows.unwrap_or(usize::MAX));
     let loader = DataLoaderBuilder::new(LmBatcher).batch_size(batch_size).build(windows);
     let loader = loader.to_device(&device.clone().without_autodiff());
     let mut nll = 0.0;
@@ -404,11 +473,19 @@ pub fn evaluate(
         target_ids.extend(batch.targets.to_data().iter::<i64>().map(|t| t as u32));
         accumulate_usage(&mut usage, &output.routings);
     }
+    let routing = usage
+        .iter()
+        .map(|(block, usage)| BlockDiagnostics {
+            block: *block,
+            report: RoutingReport::new(usage, model.product_keys(*block)),
+            load_curve: load_curve(&usage.sorted_load()),
+        })
+        .collect();
     Ok(Evaluation {
         perplexity: (nll / tokens.max(1) as f64).exp(),
         unigram_perplexity: unigram_perplexity(&data.train, &target_ids, model.vocab_size()),
         tokens,
-        expert_usage: usage.iter().map(|(b, u)| (*b, u.usage(), u.unevenness())).collect(),
+        routing,
     })
 }
 
@@ -443,7 +520,8 @@ pub fn load_training_config(path: &Path) -> Result<TrainingConfig, TrainError> {
 }
 
 /// A training configuration from JSON. Burn's `Config` derive requires every field; a file
-/// written before `expert_updates` existed gets `updates`.
+/// written before `expert_updates` existed gets `updates`, and its PEER/PKM layers the values
+/// of the fields they gained later that reproduce them (see [`peer_model::complete_legacy_json`]).
 fn training_config_from_json(
     mut value: serde_json::Value,
     updates: ExpertUpdates,
@@ -451,5 +529,25 @@ fn training_config_from_json(
     if let Some(fields) = value.as_object_mut() {
         fields.entry("expert_updates").or_insert_with(|| serde_json::json!(updates));
     }
+    peer_model::complete_legacy_json(&mut value);
     serde_json::from_value(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_curve_samples_used_ranks_on_a_log_scale() {
+        let load: Vec<u64> = (0..1000u64).rev().chain([0, 0, 0]).collect(); // 999, 998, …, 0, then unused
+        let curve = load_curve(&load);
+        assert_eq!(curve.first(), Some(&(1.0, 999.0)));
+        assert_eq!(curve.last(), Some(&(999.0, 1.0)), "the last used rank; unused experts left out");
+        assert!(curve.windows(2).all(|w| w[1].0 > w[0].0), "ranks increase");
+        assert!((100..=201).contains(&curve.len()), "{} points", curve.len());
+        for &(rank, value) in &curve {
+            assert_eq!(value, load[rank as usize - 1] as f64);
+        }
+        assert!(load_curve(&[0, 0]).is_empty());
+    }
 }

@@ -1,5 +1,5 @@
 //! `peer-plot <charts.json>`: draws each chart of a spec file written by `cargo xtask bench`
-//! as a PNG beside it. Line charts (optionally log₂ x) and horizontal bar charts.
+//! as a PNG beside it. Line charts (optionally log₂ x, log₁₀ y) and horizontal bar charts.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +23,9 @@ struct Chart {
     bars: Vec<(String, f64)>,
     #[serde(default)]
     log_x: bool,
+    /// Log₁₀ y axis (values must be positive).
+    #[serde(default)]
+    log_y: bool,
 }
 
 #[derive(Deserialize)]
@@ -86,29 +89,39 @@ fn lines(chart: &Chart, path: &Path) -> Result2 {
     let xs = || chart.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let ys = || chart.series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
     let tx = |x: f64| if chart.log_x { x.log2() } else { x };
+    let ty = |y: f64| if chart.log_y { y.log10() } else { y };
     let (x0, x1) = (xs().map(tx).fold(f64::MAX, f64::min), xs().map(tx).fold(f64::MIN, f64::max));
-    let y1 = ys().fold(0.0, f64::max) * 1.1;
     let pad = ((x1 - x0) * 0.05).max(0.5);
+    let (y0, y1) = if chart.log_y {
+        let (lo, hi) = (ys().map(ty).fold(f64::MAX, f64::min), ys().map(ty).fold(f64::MIN, f64::max));
+        (lo.floor(), hi.ceil().max(lo.floor() + 1.0))
+    } else {
+        (0.0, ys().fold(0.0, f64::max) * 1.1)
+    };
     let mut plot = ChartBuilder::on(&root)
         .caption(&chart.title, ("sans-serif", 22))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(72)
-        .build_cartesian_2d(x0 - pad..x1 + pad, 0.0..y1.max(1e-12))?;
-    let log_x = chart.log_x;
+        .build_cartesian_2d(x0 - pad..x1 + pad, y0..y1.max(y0 + 1e-12))?;
+    let (log_x, log_y) = (chart.log_x, chart.log_y);
     plot.configure_mesh()
         .x_desc(&chart.x_label)
         .y_desc(&chart.y_label)
         .x_label_formatter(&|x| if log_x { format!("2^{x:.0}") } else { format!("{x}") })
+        .y_label_formatter(&|y| if log_y { format!("10^{y:.1}") } else { format!("{y}") })
         .label_style(("sans-serif", 15))
         .draw()?;
     for (i, series) in chart.series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let points: Vec<(f64, f64)> = series.points.iter().map(|&(x, y)| (tx(x), y)).collect();
+        let points: Vec<(f64, f64)> = series.points.iter().map(|&(x, y)| (tx(x), ty(y))).collect();
         plot.draw_series(LineSeries::new(points.clone(), color.stroke_width(3)))?
             .label(&series.label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
-        plot.draw_series(points.into_iter().map(|p| Circle::new(p, 5, color.filled())))?;
+        // Markers only where the points are few enough to tell apart (not on dense curves).
+        if points.len() <= 30 {
+            plot.draw_series(points.into_iter().map(|p| Circle::new(p, 5, color.filled())))?;
+        }
     }
     plot.configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)

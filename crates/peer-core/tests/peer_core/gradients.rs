@@ -2,7 +2,7 @@
 //! differences of the loss.
 
 use burn::tensor::{Device, Tensor};
-use peer_core::{ExpertTable, Peer, PeerConfig, QueryNorm};
+use peer_core::{ExpertTable, KeyScoring, Peer, PeerConfig, QueryNorm};
 
 use super::reference::{Rng, host, host_int, randomize_weights, set_param, set_table, tensor};
 
@@ -10,7 +10,12 @@ const D_MODEL: usize = 8;
 const TOKENS: usize = 6;
 
 fn tiny(query_norm: QueryNorm, device: &Device) -> Peer {
+    tiny_scored(query_norm, KeyScoring::Dot, device)
+}
+
+fn tiny_scored(query_norm: QueryNorm, scoring: KeyScoring, device: &Device) -> Peer {
     let mut peer = PeerConfig::new(D_MODEL, 6 * 6)
+        .with_scoring(scoring)
         .with_heads(2)
         .with_top_k(3)
         .with_key_dim(4)
@@ -112,6 +117,53 @@ fn gradients_agree_with_finite_differences() {
     assert!(checked >= 20, "only {checked} entries checked");
 }
 
+/// The normalised scorings: the sub-keys (through their normalisation), the score scale and the
+/// query network (through the query halves' normalisation, for the cosine) against finite
+/// differences.
+#[test]
+fn normalised_scoring_gradients_agree_with_finite_differences() {
+    let device = Device::flex().autodiff();
+    for scoring in [KeyScoring::UnitKeys, KeyScoring::Cosine] {
+        let peer = tiny_scored(QueryNorm::BatchNorm, scoring, &device);
+        let (x, r) = inputs(&device);
+        let grads = loss(&peer, &x, &r).backward();
+        let analytic = host(&peer.product_keys.sub_keys.grad(&grads).unwrap());
+        let mut checked = compare(
+            &format!("{scoring:?} sub_keys"),
+            &peer,
+            &x,
+            &r,
+            &analytic,
+            |p, values| set_param(&mut p.product_keys.sub_keys, values),
+            |p| host(&p.product_keys.sub_keys.val()),
+        );
+        let analytic = host(&peer.product_keys.score_scale.as_ref().unwrap().grad(&grads).unwrap());
+        // One scalar that every score shares: the loss is smooth in it, and a larger step
+        // keeps f32 rounding of the loss out of its small gradient.
+        checked += compare_with_step(
+            1e-2,
+            &format!("{scoring:?} score_scale"),
+            &peer,
+            &x,
+            &r,
+            &analytic,
+            |p, values| set_param(p.product_keys.score_scale.as_mut().unwrap(), values),
+            |p| host(&p.product_keys.score_scale.as_ref().unwrap().val()),
+        );
+        let analytic = host(&peer.query.linear.weight.grad(&grads).unwrap());
+        checked += compare(
+            &format!("{scoring:?} query.weight"),
+            &peer,
+            &x,
+            &r,
+            &analytic,
+            |p, values| set_param(&mut p.query.linear.weight, values),
+            |p| host(&p.query.linear.weight.val()),
+        );
+        assert!(checked >= 7, "{scoring:?}: only {checked} entries checked");
+    }
+}
+
 fn compare(
     name: &str,
     peer: &Peer,
@@ -122,7 +174,20 @@ fn compare(
     get: impl Fn(&mut Peer) -> Vec<f64>,
 ) -> usize {
     // f32 central differences: eps = 1e-3 balances truncation against rounding.
-    let eps = 1e-3;
+    compare_with_step(1e-3, name, peer, x, r, analytic, set, get)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compare_with_step(
+    eps: f64,
+    name: &str,
+    peer: &Peer,
+    x: &Tensor<3>,
+    r: &Tensor<3>,
+    analytic: &[f64],
+    set: impl Fn(&mut Peer, Vec<f32>),
+    get: impl Fn(&mut Peer) -> Vec<f64>,
+) -> usize {
     let mut base = peer.clone();
     let values = get(&mut base);
     let routing = |p: &Peer| host_int(&p.route(x.clone()).expert_ids);
@@ -158,6 +223,6 @@ fn compare(
             break;
         }
     }
-    assert!(checked >= 3, "{name}: only {checked} entries away from routing boundaries");
+    assert!(checked >= 3.min(values.len()), "{name}: only {checked} entries away from routing boundaries");
     checked
 }

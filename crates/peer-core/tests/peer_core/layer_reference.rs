@@ -1,7 +1,7 @@
 //! Acceptance 2: the layer equals a per-token f64 reference built from the same weights.
 
 use burn::tensor::Device;
-use peer_core::{Activation, Gate, PeerConfig, QueryNorm};
+use peer_core::{Activation, Gate, KeyScoring, PeerConfig, QueryNorm};
 
 use super::reference::{
     NormMode, Rng, activate, dot, host, host_int, peer_reference, randomize_weights, relative_error, tensor,
@@ -31,7 +31,9 @@ fn layer_equals_per_token_reference_for_every_combination() {
         for gate in [Gate::Softmax, Gate::Sigmoid] {
             for shared_keys in [true, false] {
                 for query_norm in [QueryNorm::BatchNorm, QueryNorm::LayerNorm, QueryNorm::None] {
+                    let scoring = [KeyScoring::Dot, KeyScoring::UnitKeys, KeyScoring::Cosine][seed as usize % 3];
                     let config = PeerConfig::new(D_MODEL, 8 * 8)
+                        .with_scoring(scoring)
                         .with_heads(3)
                         .with_top_k(4)
                         .with_key_dim(8)
@@ -97,4 +99,23 @@ fn top_1_equals_dense_mlp_of_retrieved_experts() {
     }
     let err = relative_error(&y, &expected);
     assert!(err < 1e-5, "relative error {err}");
+}
+
+/// `expert_up_init_std = 0`: every expert starts with a zero output, the down table keeps its
+/// own initialisation, and the up rows of retrieved experts still get a gradient.
+#[test]
+fn zero_up_init_starts_silent_and_still_learns() {
+    let device = Device::flex().autodiff();
+    let config =
+        PeerConfig::new(D_MODEL, 8 * 8).with_heads(2).with_top_k(3).with_key_dim(8).with_expert_up_init_std(Some(0.0));
+    let peer = config.init(&device);
+    assert!(host(&peer.experts.up.val()).iter().all(|v| *v == 0.0));
+    let down = host(&peer.experts.down.val());
+    let std = (down.iter().map(|v| v * v).sum::<f64>() / down.len() as f64).sqrt();
+    assert!((std / config.expert_std() - 1.0).abs() < 0.1, "down table std {std}");
+    let x = tensor(Rng::new(3).normals(TOKENS * D_MODEL, 1.0), [1, TOKENS, D_MODEL], &device);
+    let y = peer.forward(x);
+    assert!(host(&y).iter().all(|v| *v == 0.0));
+    let grads = y.sum().backward();
+    assert!(host(&peer.experts.up.grad(&grads).unwrap()).iter().any(|g| *g != 0.0));
 }

@@ -3,7 +3,7 @@
 
 use burn::module::Param;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use peer_core::{Activation, ExpertTable, Gate, Peer};
+use peer_core::{Activation, ExpertTable, Gate, KeyScoring, Peer, ProductKeys};
 
 /// SplitMix64: a deterministic source of test data, independent of any backend's RNG.
 pub struct Rng(u64);
@@ -76,6 +76,9 @@ pub fn randomize_weights(peer: &mut Peer, rng: &mut Rng) {
     }
     let [sets, two, root, half] = peer.product_keys.sub_keys.dims();
     set_param(&mut peer.product_keys.sub_keys, rng.normals(sets * two * root * half, 1.0 / (half as f64).sqrt()));
+    if let Some(scale) = &mut peer.product_keys.score_scale {
+        set_param(scale, vec![(0.5 + 2.0 * rng.uniform()) as f32]);
+    }
     let [experts, width] = peer.experts.down.dims();
     let std = 1.0 / (width as f64).sqrt();
     set_table(&mut peer.experts.down, rng.normals(experts * width, std));
@@ -139,29 +142,54 @@ pub struct HostKeys {
     pub key_sets: usize,
     pub root: usize,
     pub half: usize,
+    /// How queries and sub-keys are compared, and the scale s of the normalised scorings.
+    pub scoring: KeyScoring,
+    pub scale: f64,
 }
 
 impl HostKeys {
+    /// The raw sub-keys, scored by the inner product.
     pub fn read(sub_keys: &Tensor<4>) -> Self {
         let [key_sets, _, root, half] = sub_keys.dims();
-        Self { values: host(sub_keys), key_sets, root, half }
+        Self { values: host(sub_keys), key_sets, root, half, scoring: KeyScoring::Dot, scale: 1.0 }
     }
-    fn sub_key(&self, set: usize, which: usize, index: usize) -> &[f64] {
+    /// The sub-keys of `keys` with their scoring.
+    pub fn of(keys: &ProductKeys) -> Self {
+        Self { scoring: keys.scoring, scale: keys.scale(), ..Self::read(&keys.sub_keys.val()) }
+    }
+    fn sub_key(&self, set: usize, which: usize, index: usize) -> Vec<f64> {
         let start = ((set * 2 + which) * self.root + index) * self.half;
-        &self.values[start..start + self.half]
+        let key = &self.values[start..start + self.half];
+        match self.scoring {
+            KeyScoring::Dot => key.to_vec(),
+            KeyScoring::UnitKeys | KeyScoring::Cosine => unit(key),
+        }
     }
-    /// All N scores `q · [c_i ; c'_j]` of one query for the key set `set`, indexed `i·√N + j`.
+    /// All N scores of one (raw) query for the key set `set`, indexed `i·√N + j`: `q · [c_i ; c'_j]`
+    /// for the inner product, `s·(q₁·ĉ_i + q₂·ĉ'_j)` with unit sub-keys, and
+    /// `s·(q̂₁·ĉ_i + q̂₂·ĉ'_j)` for the cosine.
     pub fn brute_force_scores(&self, set: usize, query: &[f64]) -> Vec<f64> {
         let (q1, q2) = query.split_at(self.half);
+        let (q1, q2) = match self.scoring {
+            KeyScoring::Cosine => (unit(q1), unit(q2)),
+            _ => (q1.to_vec(), q2.to_vec()),
+        };
+        let first: Vec<f64> = (0..self.root).map(|i| dot(&q1, &self.sub_key(set, 0, i))).collect();
+        let second: Vec<f64> = (0..self.root).map(|j| dot(&q2, &self.sub_key(set, 1, j))).collect();
         let mut scores = Vec::with_capacity(self.root * self.root);
-        for i in 0..self.root {
-            let s1 = dot(q1, self.sub_key(set, 0, i));
-            for j in 0..self.root {
-                scores.push(s1 + dot(q2, self.sub_key(set, 1, j)));
+        for s1 in &first {
+            for s2 in &second {
+                scores.push(self.scale * (s1 + s2));
             }
         }
         scores
     }
+}
+
+/// `v / ‖v‖`.
+pub fn unit(v: &[f64]) -> Vec<f64> {
+    let norm = dot(v, v).sqrt();
+    v.iter().map(|x| x / norm).collect()
 }
 
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -193,7 +221,7 @@ pub fn peer_reference(peer: &Peer, norm_epsilon: f64, x: &[f64], tokens: usize, 
     let d_model = peer.query.linear.weight.dims()[0];
     let heads = peer.product_keys.heads;
     let k = peer.product_keys.top_k;
-    let keys = HostKeys::read(&peer.product_keys.sub_keys.val());
+    let keys = HostKeys::of(&peer.product_keys);
     let key_dim = 2 * keys.half;
     let features = heads * key_dim;
 

@@ -3,12 +3,14 @@
 use std::collections::BTreeSet;
 
 use burn::tensor::Device;
-use peer_core::ProductKeysConfig;
+use peer_core::{KeyScoring, ProductKeysConfig};
 
 use super::reference::{HostKeys, Rng, brute_force_top_k, host, host_int, tensor};
 
 /// 240 random cases over N ∈ {4², 8², 16², 32², 64²}, k ∈ 1..=√N, 1–8 heads, shared and
-/// per-head keys, on Flex (autodiff and plain: the top-k strategy differs by device).
+/// per-head keys, every scoring (inner product, unit keys, cosine; brute force computes each
+/// from the raw queries and sub-keys), on Flex (autodiff and plain: the top-k strategy differs
+/// by device).
 #[test]
 fn retrieval_equals_brute_force_top_k() {
     let mut rng = Rng::new(0x5EED);
@@ -19,19 +21,26 @@ fn retrieval_equals_brute_force_top_k() {
         let root = roots[case % roots.len()];
         let k = rng.range(1, root);
         let heads = rng.range(1, 8);
-        let half = rng.range(1, 6);
+        let scoring = [KeyScoring::Dot, KeyScoring::UnitKeys, KeyScoring::Cosine][case % 3];
+        // Unit vectors of one or two entries tie everywhere (±1): the normalised scorings get
+        // at least three.
+        let half = rng.range(if scoring == KeyScoring::Dot { 1 } else { 3 }, 6);
         let key_dim = 2 * half;
         let shared = rng.uniform() < 0.5;
         let tokens = rng.range(1, 7);
         let device = if case % 2 == 0 { Device::flex() } else { Device::flex().autodiff() };
-        let keys = ProductKeysConfig::new(root * root, key_dim, k, heads).with_shared(shared).init(&device);
+        let keys = ProductKeysConfig::new(root * root, key_dim, k, heads)
+            .with_shared(shared)
+            .with_scoring(scoring)
+            .with_score_scale(Some(0.5 + rng.uniform()))
+            .init(&device);
         let queries = rng.normals(tokens * heads * key_dim, 1.0);
         let query_values: Vec<f64> = queries.iter().map(|&q| q as f64).collect();
         let (scores, ids) = keys.retrieve(tensor(queries, [tokens, heads, key_dim], &device));
         assert_eq!(scores.dims(), [tokens, heads, k], "case {case}");
         let scores = host(&scores);
         let ids = host_int(&ids);
-        let host_keys = HostKeys::read(&keys.sub_keys.val());
+        let host_keys = HostKeys::of(&keys);
 
         for t in 0..tokens {
             for h in 0..heads {
@@ -59,7 +68,7 @@ fn retrieval_equals_brute_force_top_k() {
                 assert_eq!(
                     got,
                     want,
-                    "case {case}: N = {}, k = {k}, heads = {heads}, shared = {shared}, token {t}, head {h}",
+                    "case {case}: N = {}, k = {k}, heads = {heads}, shared = {shared}, {scoring:?}, token {t}, head {h}",
                     root * root
                 );
                 compared += 1;

@@ -6,7 +6,8 @@ use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use peer_core::{
-    Activation, ExpertTape, Gate, Peer, PeerConfig, QueryNorm, RowGradients, SparseAdamWConfig, touched_rows,
+    Activation, ExpertTape, Gate, KeyScoring, Peer, PeerConfig, QueryNorm, RowGradients, SparseAdamWConfig,
+    touched_rows,
 };
 
 use super::backends::wgpu_device;
@@ -57,19 +58,22 @@ fn taped_gradients_equal_autodiff() {
 
 /// The Flex host kernels where they split their work: more than one retrieval block (over 128
 /// query rows), several expert ranges per thread, per-head keys, tables in row blocks, both
-/// gates and activations. Output and gradients through the tape (host kernels) equal autodiff
-/// over the tensor path.
+/// gates and activations, every scoring. Output and gradients through the tape (host kernels)
+/// equal autodiff over the tensor path.
 #[test]
 fn host_kernels_equal_autodiff_at_larger_sizes() {
     let device = Device::flex().autodiff();
     let mut rng = Rng::new(21);
     let cases = [
-        (Activation::Gelu, Gate::Softmax, true, QueryNorm::BatchNorm, None),
-        (Activation::Relu, Gate::Sigmoid, false, QueryNorm::LayerNorm, Some(100 * 16 * 4)),
-        (Activation::Gelu, Gate::Sigmoid, true, QueryNorm::None, Some(333 * 16 * 4)),
+        (Activation::Gelu, Gate::Softmax, true, QueryNorm::BatchNorm, None, KeyScoring::Dot),
+        (Activation::Relu, Gate::Sigmoid, false, QueryNorm::LayerNorm, Some(100 * 16 * 4), KeyScoring::UnitKeys),
+        (Activation::Gelu, Gate::Sigmoid, true, QueryNorm::None, Some(333 * 16 * 4), KeyScoring::Dot),
+        (Activation::Gelu, Gate::Softmax, false, QueryNorm::BatchNorm, None, KeyScoring::Cosine),
+        (Activation::Relu, Gate::Softmax, true, QueryNorm::BatchNorm, None, KeyScoring::UnitKeys),
     ];
-    for (activation, gate, shared, norm, block_bytes) in cases {
+    for (activation, gate, shared, norm, block_bytes, scoring) in cases {
         let mut peer = PeerConfig::new(16, 32 * 32)
+            .with_scoring(scoring)
             .with_heads(4)
             .with_top_k(6)
             .with_key_dim(12)
@@ -80,7 +84,8 @@ fn host_kernels_equal_autodiff_at_larger_sizes() {
             .with_table_block_bytes(block_bytes)
             .init(&device);
         randomize_weights(&mut peer, &mut rng);
-        let name = format!("{activation:?}, {gate:?}, shared keys {shared}, {norm:?}, blocks {block_bytes:?}");
+        let name =
+            format!("{activation:?}, {gate:?}, shared keys {shared}, {norm:?}, blocks {block_bytes:?}, {scoring:?}");
         assert_taped_equals_autodiff(&name, &peer, &device, [3, 70, 16], &mut rng);
     }
 }
@@ -121,6 +126,9 @@ fn assert_taped_equals_autodiff(name: &str, peer: &Peer, device: &Device, shape:
         host(&taped.grad(&peer.product_keys.sub_keys.val()).unwrap()),
         host(&peer.product_keys.sub_keys.grad(&dense).unwrap()),
     );
+    if let Some(scale) = peer.product_keys.score_scale.as_ref() {
+        close("score scale", host(&taped.grad(&scale.val()).unwrap()), host(&scale.grad(&dense).unwrap()));
+    }
     if let Some(bn) = peer.query.batch_norm.as_ref() {
         close("BatchNorm γ", host(&taped.grad(&bn.gamma.val()).unwrap()), host(&bn.gamma.grad(&dense).unwrap()));
     }

@@ -110,3 +110,51 @@ fn bad_checkpoints_get_clear_errors() {
     fs::remove_dir_all(&dir).unwrap();
     fs::remove_dir_all(&other).unwrap();
 }
+
+/// A configuration written before the routing options existed (no `scoring`, `score_scale`,
+/// `balance_loss`, `balance`, `expert_up_init_std`) loads with the behaviour it was trained
+/// with, not with today's defaults (which turn the balance loss on).
+#[test]
+fn configs_from_before_the_routing_options_keep_their_behaviour() {
+    use peer_core::{Balance, KeyScoring, PeerConfig, PkmConfig};
+    use peer_model::{FeedForwardConfig, TransformerConfig, complete_legacy_json};
+
+    fn strip(value: &mut serde_json::Value, layers: &mut usize) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                for (key, inner) in fields.iter_mut() {
+                    if let ("Peer" | "Pkm", serde_json::Value::Object(layer)) = (key.as_str(), &mut *inner) {
+                        for field in ["scoring", "score_scale", "balance_loss", "balance", "expert_up_init_std"] {
+                            layer.remove(field);
+                        }
+                        layer.insert("shared_keys".into(), serde_json::json!(true));
+                        *layers += 1;
+                    }
+                    strip(inner, layers);
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| strip(v, layers)),
+            _ => {}
+        }
+    }
+    for ffw in [
+        FeedForwardConfig::Peer(PeerConfig::new(16, 8 * 8).with_key_dim(8).with_top_k(4)),
+        FeedForwardConfig::Pkm(PkmConfig::new(16, 8 * 8).with_key_dim(8).with_top_k(4)),
+    ] {
+        let config = TransformerConfig::dense(300, 16, 2, 2, 8, 32).with_middle_block(ffw);
+        let mut json = serde_json::to_value(&config).unwrap();
+        let mut layers = 0;
+        strip(&mut json, &mut layers);
+        assert_eq!(layers, 1, "one product-key layer in {json}");
+        assert!(serde_json::from_value::<TransformerConfig>(json.clone()).is_err(), "Burn's Config needs every field");
+
+        complete_legacy_json(&mut json);
+        let loaded: TransformerConfig = serde_json::from_value(json).unwrap();
+        let found = loaded.block_feed_forward.iter().find_map(|block| match &block.feed_forward {
+            FeedForwardConfig::Peer(p) => Some((p.shared_keys, p.scoring, p.balance_loss, p.balance)),
+            FeedForwardConfig::Pkm(p) => Some((p.shared_keys, p.scoring, p.balance_loss, p.balance)),
+            _ => None,
+        });
+        assert_eq!(found, Some((true, KeyScoring::Dot, 0.0, Balance::SubKeys)));
+    }
+}

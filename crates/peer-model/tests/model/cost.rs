@@ -10,7 +10,7 @@ use super::helpers::{kinds, tiny};
 #[test]
 fn layer_costs_match_hand_counts() {
     // PEER, n = 256, N = 128², h = 8, k = 16, d = 128, shared keys, BatchNorm, no bias.
-    let peer = PeerConfig::new(256, 128 * 128).cost();
+    let peer = PeerConfig::new(256, 128 * 128).with_shared_keys(true).cost();
     let query = 256 * 8 * 128 + 2 * 8 * 128; // weights + BatchNorm γ, β
     let keys = 128 * 128; // 1 set × √N × d
     assert_eq!(peer.params, query + keys + 2 * 16384 * 256);
