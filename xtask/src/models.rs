@@ -40,6 +40,10 @@ pub struct ModelsArgs {
     /// time of 1; tokens/s are then per run, with the cores shared.
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
+    /// √N of the PEER sweep [default: 128,256,512,1024 at full size]; the first sets the FLOPs
+    /// every other model is matched to.
+    #[arg(long, value_delimiter = ',')]
+    pub roots: Vec<usize>,
     /// Reuse the results of runs that finished in an earlier, interrupted `bench models` of
     /// the same size (their `bench_result.json` in `target/bench/models/`), training only the
     /// others. Only for the same build: nothing checks that the code is the same.
@@ -118,7 +122,8 @@ impl ModelsArgs {
                 seeds: 2,
             }
         };
-        Size { seeds: self.seeds.unwrap_or(size.seeds), ..size }
+        let peer_roots = if self.roots.is_empty() { size.peer_roots } else { self.roots.clone() };
+        Size { seeds: self.seeds.unwrap_or(size.seeds), peer_roots, ..size }
     }
 }
 
@@ -251,6 +256,10 @@ pub fn models(args: &ModelsArgs) {
             let mut command = std::process::Command::new(std::env::current_exe().expect("own executable"));
             command.args(["bench", "models", "--only", &index.to_string(), &seed.to_string()]);
             command.args(["--seeds", &size.seeds.to_string()]);
+            if !args.roots.is_empty() {
+                let roots: Vec<String> = args.roots.iter().map(usize::to_string).collect();
+                command.args(["--roots", &roots.join(",")]);
+            }
             if args.quick {
                 command.arg("--quick");
             }
