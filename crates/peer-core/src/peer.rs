@@ -22,7 +22,7 @@ pub struct PeerRouting {
     pub expert_ids: Tensor<4, Int>,
     /// Router weights g, `[batch, seq, heads, k]`.
     pub router_weights: Tensor<4>,
-    /// The weighted sub-key balance loss of this forward pass (`[1]`), when the layer has one
+    /// The weighted balance loss of this forward pass (`[1]`), when the layer has one
     /// (`balance_loss > 0`) and it is training (see
     /// [`ProductKeys::balance_loss`](crate::ProductKeys::balance_loss)): add it to the loss.
     pub balance_loss: Option<Tensor<1>>,
@@ -218,7 +218,7 @@ impl Peer {
         self.with_balance_loss(queries, (output, routing))
     }
 
-    /// Adds the sub-key balance loss of `queries` (`[tokens, heads, key_dim]`) to the routing,
+    /// Adds the balance loss of `queries` (`[tokens, heads, key_dim]`) to the routing,
     /// when the layer has one and is training.
     fn with_balance_loss(
         &self,

@@ -96,7 +96,7 @@ pub struct BlockRouting {
 pub struct ModelOutput {
     /// Next-token logits, `[batch, seq, vocab]`.
     pub logits: Tensor<3>,
-    /// Sum of the blocks' weighted auxiliary losses (MoE load balancing, PEER/PKM sub-key
+    /// Sum of the blocks' weighted auxiliary losses (MoE load balancing, PEER/PKM product-key
     /// balance), `[1]`.
     pub aux_loss: Tensor<1>,
     /// Routing of every PKM/PEER block.

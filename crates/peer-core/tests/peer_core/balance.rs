@@ -1,4 +1,4 @@
-//! The sub-key balance loss against an f64 computation of its definition, its gradient against
+//! The balance loss (sub-keys and experts) against an f64 computation of its definition, its gradient against
 //! finite differences, and its way into the layer's routing.
 
 use burn::module::Module;
