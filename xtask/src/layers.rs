@@ -6,7 +6,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use burn::module::Module;
 use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
 use clap::Args;
-use peer::core::{DenseFfwConfig, ExpertTape, Peer, PeerConfig, QueryNorm};
+use peer::core::{DenseFfwConfig, Peer, PeerConfig, QueryNorm, take_row_gradients};
 use serde::Serialize;
 
 use crate::harness::{Chart, PeakMemory, Repeats, Report, Timing, bytes, draw_charts, si, time};
@@ -107,8 +107,9 @@ enum Pass<'a> {
     Forward(&'a dyn Fn(Tensor<3>) -> Tensor<3>),
     /// Forward, then backward of the output's sum (autodiff; dense expert-table gradients).
     Backward(&'a dyn Fn(Tensor<3>) -> Tensor<3>),
-    /// Forward through an `ExpertTape`, then its backward (row-sparse table gradients).
-    Taped(&'a Peer),
+    /// Forward, then backward of the output's sum, with row-sparse table gradients (taken from
+    /// the row store, as an optimizer step would).
+    RowSparse(&'a Peer),
 }
 
 /// One pass of one layer on one device.
@@ -129,10 +130,9 @@ fn measure(
             Pass::Backward(forward) => {
                 let _grads = forward(x.clone()).sum().backward();
             }
-            Pass::Taped(peer) => {
-                let mut tape = ExpertTape::new();
-                let (y, _) = peer.forward_taped(x.clone(), &mut tape);
-                let _grads = tape.backward(y.sum());
+            Pass::RowSparse(peer) => {
+                let _grads = peer.forward(x.clone()).sum().backward();
+                let _rows = take_row_gradients(&peer.experts);
             }
         });
         (timing, memory.stop())
@@ -174,7 +174,9 @@ pub fn backends(args: &LayerArgs) {
             let dense_forward = |x| dense_eval.forward(x);
             let dense_train = |x| dense.forward(x);
             let peer_forward = |x| peer_eval.forward(x);
-            let peer_train = |x| peer_layer.forward(x);
+            let mut peer_dense = peer_layer.clone();
+            peer_dense.experts.sparse_gradients = false;
+            let peer_train = |x| peer_dense.forward(x);
             // (layer, N, FLOPs per token, passes on the plain and the autodiff device)
             #[allow(clippy::type_complexity)]
             let rows: [(&str, usize, f64, Vec<(&str, Pass, &Device)>); 2] = [
@@ -193,7 +195,7 @@ pub fn backends(args: &LayerArgs) {
                     peer_config.cost().flops_per_token,
                     vec![
                         ("forward", Pass::Forward(&peer_forward), device),
-                        ("forward+backward (sparse rows)", Pass::Taped(&peer_layer), &train_device),
+                        ("forward+backward (sparse rows)", Pass::RowSparse(&peer_layer), &train_device),
                         ("forward+backward (dense tables)", Pass::Backward(&peer_train), &train_device),
                     ],
                 ),
@@ -283,8 +285,12 @@ pub fn pytorch(args: &LayerArgs, python: &str) {
     for &root in &args.roots {
         let config = args.peer(root);
         let layer = config.init(&device);
-        let ours = measure(Pass::Taped(&layer), &device, args.tokens, args.d_model, repeats);
-        let dense_tables = measure(Pass::Backward(&|x| layer.forward(x)), &device, args.tokens, args.d_model, repeats);
+        let ours = measure(Pass::RowSparse(&layer), &device, args.tokens, args.d_model, repeats);
+        let mut dense_layer = layer.clone();
+        dense_layer.experts.sparse_gradients = false;
+        let dense_tables =
+            measure(Pass::Backward(&|x| dense_layer.forward(x)), &device, args.tokens, args.d_model, repeats);
+        drop(dense_layer);
         drop(layer);
         let output = std::process::Command::new(python)
             .arg(script)

@@ -8,7 +8,7 @@ use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::tensor::{Device, Distribution, Tensor};
 use burn::train::TrainStep;
 use clap::Args;
-use peer::core::{DenseFfwConfig, ExpertTape, MoeConfig, MoeRouting, PeerConfig, PkmConfig, QueryNorm, RoutingReport};
+use peer::core::{DenseFfwConfig, MoeConfig, MoeRouting, PeerConfig, PkmConfig, QueryNorm, RoutingReport, take_row_gradients};
 use peer::model::{FeedForwardConfig, Transformer, TransformerConfig};
 use peer::train::corpus::{Corpus, bundled_corpus};
 use peer::train::data::LmBatch;
@@ -643,7 +643,7 @@ pub fn scaling(args: &ScalingArgs) {
     report.write(serde_json::json!({
         "model": "4 blocks, PEER (BatchNorm queries) in block 2, dense GELU (4·d_model) elsewhere, vocab 4096, AdamW with norm clipping",
         "step": "peer_train::learner::LanguageModel: TrainStep::step then TrainStep::optimize, as Burn's Learner calls them",
-        "phases": "optimizer: timed inside the step; experts (Eq. 5 forward and backward: sparse = Experts::forward_detached/backward_detached with row gradients, the fused host kernels on Flex; dense = autodiff with dense table gradients) and the whole PEER layer as the step runs it (sparse: taped; dense: autodiff) timed on their own at the step's shapes; retrieval = layer minus experts (query network, product keys, router weights); rest = forward+backward minus retrieval and experts",
+        "phases": "optimizer: timed inside the step; experts (Eq. 5 forward and backward: sparse = Experts::forward_detached/backward_detached with row gradients, the fused host kernels on Flex; dense = autodiff with dense table gradients) and the whole PEER layer as the step runs it (sparse: row-sparse backward; dense: autodiff) timed on their own at the step's shapes; retrieval = layer minus experts (query network, product keys, router weights); rest = forward+backward minus retrieval and experts",
         "state": "params + AdamW state = 3 × params × 4 bytes (values and two moments; sparse keeps the two moments per table as well)",
     }));
     let title = format!("Training step of a 4-block PEER LM ({tokens_per_step} tokens, {})", args.device);
@@ -746,7 +746,7 @@ fn measure_scaling(args: &ScalingArgs, device: &Device, mode: &str, root: usize)
 /// shapes, through the step's own code paths. Experts: Eq. 5 forward and backward alone
 /// (sparse: `Experts::forward_detached` / `backward_detached`, the host kernels on Flex; dense:
 /// autodiff with dense table gradients). Retrieval (query network, product keys, router
-/// weights): the whole layer as the step runs it (sparse: taped; dense: autodiff) minus the
+/// weights): the whole layer as the step runs it (sparse: row-sparse backward; dense: autodiff) minus the
 /// experts.
 fn phase_times(model: &Transformer, args: &ScalingArgs, device: &Device, updates: ExpertUpdates) -> (f64, f64) {
     let peer = model.peer_layers().next().expect("a PEER block");
@@ -762,9 +762,8 @@ fn phase_times(model: &Transformer, args: &ScalingArgs, device: &Device, updates
     let (layer, experts) = match updates {
         ExpertUpdates::Sparse => (
             time(device, repeats, || {
-                let mut tape = ExpertTape::new();
-                let (y, _) = peer.forward_taped(x.clone(), &mut tape);
-                let _ = tape.backward(y.sum());
+                let _ = peer.forward(x.clone()).sum().backward();
+                let _ = take_row_gradients(&peer.experts);
             }),
             time(device, repeats, || {
                 let y = peer.experts.forward_detached(x2.clone(), ids.clone(), weights.clone());

@@ -179,6 +179,12 @@ pub struct PeerConfig {
     /// See [`ExpertTable`](crate::ExpertTable).
     #[config(default = "None")]
     pub table_block_bytes: Option<usize>,
+    /// Train the expert tables row-sparsely on an autodiff device: the backward pass leaves the
+    /// gradients of the retrieved rows for [`apply_expert_updates`](crate::apply_expert_updates)
+    /// and writes no `[N, d_model]` gradient, so a step's cost does not grow with N. `false`:
+    /// dense table gradients, for any Burn optimizer (every row is then updated each step).
+    #[config(default = true)]
+    pub sparse_gradients: bool,
 }
 
 impl PeerConfig {

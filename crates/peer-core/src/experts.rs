@@ -17,6 +17,8 @@ use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor};
 
 use crate::activation::{gelu, gelu_derivative};
 use crate::config::Activation;
+use crate::custom_op::{self, Vjp};
+use crate::expert_updates;
 use crate::host;
 use crate::table::{ExpertTable, GPU_BLOCK_BYTES, TableRows, block_rows};
 use crate::topk::is_cpu_backend;
@@ -37,6 +39,11 @@ pub struct Experts {
     /// σ.
     #[module(skip)]
     pub activation: Activation,
+    /// On an autodiff device, train the tables row-sparsely (see [`crate::expert_updates`]):
+    /// `true` by [`init`](Self::init). `false`: [`Peer`](crate::Peer) uses the differentiable
+    /// [`forward`](Self::forward) and the tables get dense gradients.
+    #[module(skip)]
+    pub sparse_gradients: bool,
 }
 
 /// The experts a step retrieved, each once, and where each retrieved slot went.
@@ -139,7 +146,7 @@ impl Experts {
                 }
             })
         };
-        Self { down: table(down_std), up: table(up_std), activation }
+        Self { down: table(down_std), up: table(up_std), activation, sparse_gradients: true }
     }
 
     /// Number of experts N.
@@ -217,6 +224,32 @@ impl Experts {
 
         let v = up.gather(ids).reshape([tokens, m, d_model]);
         hidden.reshape([tokens, 1, m]).matmul(v).reshape([tokens, d_model])
+    }
+
+    /// Eq. 5 like [`forward`](Self::forward), differentiable in `x` and `router_weights`, with
+    /// row-sparse table gradients: computed by [`forward_detached`](Self::forward_detached) and
+    /// recorded as one autodiff node whose backward pass is
+    /// [`backward_detached`](Self::backward_detached). The tables' row gradients go to the row
+    /// store ([`crate::expert_updates`]), not to `Gradients`. On a device without autodiff this
+    /// is `forward_detached`.
+    ///
+    /// # Shapes
+    /// - `x`: `[tokens, d_model]`, `expert_ids`, `router_weights`: `[tokens, m]`
+    /// - output: `[tokens, d_model]`
+    pub fn forward_row_sparse(
+        &self,
+        x: Tensor<2>,
+        expert_ids: Tensor<2, Int>,
+        router_weights: Tensor<2>,
+    ) -> Tensor<2> {
+        let output = self.forward_detached(x.clone(), expert_ids.clone(), router_weights.clone());
+        let backward = ExpertsBackward {
+            experts: self.clone(),
+            x: x.clone().inner(),
+            expert_ids: expert_ids.inner(),
+            router_weights: router_weights.clone().inner(),
+        };
+        custom_op::record([x, router_weights, self.down.anchor()], output, Box::new(backward))
     }
 
     /// Tokens per block of the detached path.
@@ -322,6 +355,22 @@ impl Experts {
             Activation::Relu => relu(x),
             Activation::Gelu => gelu(x),
         }
+    }
+}
+
+/// The backward pass of [`Experts::forward_row_sparse`].
+struct ExpertsBackward {
+    experts: Experts,
+    x: Tensor<2>,
+    expert_ids: Tensor<2, Int>,
+    router_weights: Tensor<2>,
+}
+
+impl Vjp for ExpertsBackward {
+    fn backward(self: Box<Self>, grad_output: Tensor<2>) -> Vec<Option<Tensor<2>>> {
+        let grads = self.experts.backward_detached(self.x, self.expert_ids, self.router_weights, grad_output);
+        expert_updates::deposit(&self.experts, grads.rows);
+        vec![Some(grads.x), Some(grads.router_weights), None]
     }
 }
 

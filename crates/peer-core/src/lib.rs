@@ -11,8 +11,9 @@
 //! - [`ProductKeys`]: exact product-key top-k retrieval, reusable by other memory layers.
 //! - [`QueryNetwork`]: the h query heads and the query norm.
 //! - [`Experts`]: the two `[N, d_model]` expert tables ([`ExpertTable`]).
-//! - Row-sparse training: [`ExpertTape`] (gradients of the retrieved rows only) and
-//!   [`SparseAdamWConfig`] (lazy AdamW on those rows, in place).
+//! - Row-sparse training ([`expert_updates`]): a plain `loss.backward()` leaves the gradients
+//!   of the retrieved rows only, and [`apply_expert_updates`] applies the lazy AdamW
+//!   ([`SparseAdamWConfig`]) to those rows of every expert pool of a model, in place.
 //! - [`ExpertUsage`]: the paper's expert usage and unevenness statistics.
 //! - [`interop`]: loading PEER-pytorch (the PyTorch reference) weights.
 //! - Baselines: [`DenseFfw`] (GELU / SwiGLU), [`Moe`] (token- or expert-choice), [`Pkm`]
@@ -47,8 +48,10 @@
 pub mod activation;
 mod config;
 pub mod cost;
+mod custom_op;
 mod dense;
 mod error;
+pub mod expert_updates;
 mod experts;
 mod host;
 pub mod interop;
@@ -59,7 +62,6 @@ mod product_keys;
 mod query;
 pub mod sparse_adamw;
 pub mod table;
-pub mod tape;
 mod topk;
 mod usage;
 
@@ -67,6 +69,7 @@ pub use config::{Activation, Balance, Gate, KeyScoring, PeerConfig, QueryNorm};
 pub use cost::LayerCost;
 pub use dense::{DenseFfw, DenseFfwConfig, DenseKind};
 pub use error::ConfigError;
+pub use expert_updates::{ExpertPool, apply_expert_updates, discard_row_gradients, expert_pools, take_row_gradients};
 pub use experts::{ExpertGradients, Experts, RowGradients, TouchedRows, touched_rows};
 pub use moe::{Moe, MoeConfig, MoeRouting};
 pub use peer::{Peer, PeerRouting};
@@ -75,5 +78,4 @@ pub use product_keys::{ProductKeys, ProductKeysConfig};
 pub use query::QueryNetwork;
 pub use sparse_adamw::{RowMoments, SparseAdamWConfig, SparseAdamWState};
 pub use table::{ExpertTable, GPU_BLOCK_BYTES, TableRows, block_rows};
-pub use tape::{ExpertTape, TableGradients, TapeGradients};
 pub use usage::{ExpertUsage, RoutingReport, Spread};

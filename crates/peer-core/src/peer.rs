@@ -6,12 +6,13 @@ use burn::tensor::{Device, Int, Tensor};
 
 use crate::config::{Gate, PeerConfig};
 use crate::cost::{LayerCost, retrieval_cost};
+use crate::custom_op::{self, Vjp};
+use crate::expert_updates;
 use crate::error::ConfigError;
 use crate::experts::Experts;
-use crate::host::{self, HostPeer, HostValues};
+use crate::host::{self, HostPeer, HostRouting, HostValues};
 use crate::product_keys::{ProductKeys, ProductKeysConfig};
 use crate::query::{QueryNetwork, QueryNetworkSettings};
-use crate::tape::ExpertTape;
 
 /// Which experts each token's heads retrieved, and with which router weights.
 ///
@@ -99,7 +100,7 @@ impl PeerConfig {
             .with_balance_loss(self.balance_loss)
             .with_balance(self.balance)
             .try_init(device)?;
-        let experts = Experts::init(
+        let mut experts = Experts::init(
             self.num_experts,
             self.d_model,
             [self.expert_std(), self.expert_up_std()],
@@ -107,6 +108,7 @@ impl PeerConfig {
             self.table_block_bytes,
             device,
         );
+        experts.sparse_gradients = self.sparse_gradients;
         Ok(Peer { query, product_keys, experts, gate: self.gate })
     }
 }
@@ -158,11 +160,17 @@ impl Peer {
         self.forward_with_routing(x).0
     }
 
-    /// Applies the layer and also returns what it retrieved.
+    /// Applies the layer and also returns what it retrieved: Algorithm 1, queries → product-key
+    /// top-k → router weights → experts.
     ///
-    /// On an autodiff device the output is differentiable everywhere (the expert tables get
-    /// dense gradients; see [`forward_taped`](Self::forward_taped) for row-sparse ones). On plain
-    /// Flex the fused host kernels compute it.
+    /// On an autodiff device the output is differentiable in the input and every parameter.
+    /// The expert tables are trained row-sparsely when
+    /// [`experts.sparse_gradients`](Experts::sparse_gradients) is on (the default): the
+    /// backward pass leaves the retrieved rows' gradients in the row store for
+    /// [`apply_expert_updates`](crate::apply_expert_updates) and writes no dense table gradient.
+    /// With it off, Burn's gather backward writes dense `[N, d_model]` gradients. On Flex,
+    /// retrieval, router weights and experts run as fused host kernels (their backward pass
+    /// included); other devices compose Burn tensor ops.
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, d_model]`
@@ -172,49 +180,20 @@ impl Peer {
         let tokens = batch * seq;
         let x = x.reshape([tokens, d_model]);
         let queries = self.query.forward(x.clone());
-        if !x.is_autodiff()
-            && let Some(done) = self.forward_host(x.clone(), queries.clone(), [batch, seq], None)
-        {
-            return done;
-        }
-        let (expert_ids, router_weights) = self.route_queries(queries.clone());
-        let [_, heads, k] = expert_ids.dims();
-        let output = self.experts.forward(
-            x,
-            expert_ids.clone().reshape([tokens, heads * k]),
-            router_weights.clone().reshape([tokens, heads * k]),
-        );
-        let routing = PeerRouting::new(expert_ids, router_weights, [batch, seq]);
-        self.with_balance_loss(queries, (output.reshape([batch, seq, d_model]), routing))
-    }
-
-    /// Like [`forward_with_routing`](Self::forward_with_routing), for training the expert
-    /// tables row-sparsely: the experts are computed without autodiff and recorded on `tape`,
-    /// and the output is a leaf. The caller must [`cut`](ExpertTape::cut) every other tracked
-    /// tensor that continues past this layer, and finish with [`ExpertTape::backward`]. On a
-    /// device without autodiff nothing is recorded and this equals `forward_with_routing`.
-    ///
-    /// # Shapes
-    /// - `x`: `[batch, seq, d_model]`
-    /// - output: `([batch, seq, d_model], routing [batch, seq, heads, k])`
-    pub fn forward_taped(&self, x: Tensor<3>, tape: &mut ExpertTape) -> (Tensor<3>, PeerRouting) {
-        if !x.is_autodiff() {
-            return self.forward_with_routing(x);
-        }
-        let [batch, seq, d_model] = x.dims();
-        let tokens = batch * seq;
-        let x = x.reshape([tokens, d_model]);
-        let queries = self.query.forward(x.clone());
-        if let Some(done) = self.forward_host(x.clone(), queries.clone(), [batch, seq], Some(&mut *tape)) {
-            return self.with_balance_loss(queries, done);
-        }
-        let (expert_ids, router_weights) = self.route_queries(queries.clone());
-        let [_, heads, k] = expert_ids.dims();
-        let ids = expert_ids.clone().reshape([tokens, heads * k]);
-        let weights = router_weights.clone().reshape([tokens, heads * k]);
-        let output = self.experts.forward_detached(x.clone(), ids.clone(), weights.clone());
-        let output = tape.record(&self.experts, x, ids, weights, output.reshape([batch, seq, d_model]));
-        let routing = PeerRouting::new(expert_ids, router_weights, [batch, seq]);
+        let row_sparse = !x.is_autodiff() || (self.experts.sparse_gradients && custom_op::supported(&x));
+        let fused = if row_sparse { self.forward_host(x.clone(), queries.clone(), [batch, seq]) } else { None };
+        let (output, routing) = fused.unwrap_or_else(|| {
+            let (expert_ids, router_weights) = self.route_queries(queries.clone());
+            let [_, heads, k] = expert_ids.dims();
+            let ids = expert_ids.clone().reshape([tokens, heads * k]);
+            let weights = router_weights.clone().reshape([tokens, heads * k]);
+            let output = if row_sparse && x.is_autodiff() {
+                self.experts.forward_row_sparse(x, ids, weights)
+            } else {
+                self.experts.forward(x, ids, weights)
+            };
+            (output.reshape([batch, seq, d_model]), PeerRouting::new(expert_ids, router_weights, [batch, seq]))
+        });
         self.with_balance_loss(queries, (output, routing))
     }
 
@@ -231,10 +210,11 @@ impl Peer {
         (output, routing)
     }
 
-    /// Retrieval, router weights and experts by the fused host kernels of the Flex backend,
-    /// recorded on `tape` when given (its backward then runs the kernels' vector-Jacobian
-    /// products and resumes autodiff at the queries and sub-keys). `None` (nothing done) on
-    /// other devices or for tensors that are not f32.
+    /// Retrieval, router weights and experts by the fused host kernels of the Flex backend. On
+    /// an autodiff device the result is one node whose backward pass runs the kernels'
+    /// vector-Jacobian products: dL/dx, dL/dq and dL/dK go to autodiff (the graph resumes at the
+    /// scored queries and sub-keys), the tables' row gradients to the row store. `None`
+    /// (nothing done) on other devices or for tensors that are not f32.
     ///
     /// # Shapes
     /// - `x`: `[tokens, d_model]`, `queries`: `[tokens, heads, key_dim]`
@@ -244,7 +224,6 @@ impl Peer {
         x: Tensor<2>,
         queries: Tensor<3>,
         [batch, seq]: [usize; 2],
-        tape: Option<&mut ExpertTape>,
     ) -> Option<(Tensor<3>, PeerRouting)> {
         if !host::is_flex(&x.device()) {
             return None;
@@ -268,12 +247,24 @@ impl Peer {
             router_weights.reshape([tokens, heads, top_k]),
             [batch, seq],
         );
-        let output = host::tensor(output, [batch, seq, d_model], &device);
-        let output = match tape {
-            Some(tape) => tape.record_host(&self.experts, x, queries, sub_keys, routing, output),
-            None => output,
+        let output = host::tensor(output, [tokens, d_model], &device);
+        let sub_key_dims = sub_keys.dims();
+        let backward = HostBackward {
+            experts: self.experts.clone(),
+            gate: self.gate,
+            x: x.clone().inner(),
+            queries: queries.clone().inner(),
+            sub_keys: sub_keys.clone().inner(),
+            routing,
         };
-        Some((output, routing_tensors))
+        let inputs = [
+            x,
+            queries.reshape([tokens, heads * layout.key_dim]),
+            sub_keys.reshape([sub_key_dims[0] * 2 * sub_key_dims[2], sub_key_dims[3]]),
+            self.experts.down.anchor(),
+        ];
+        let output = custom_op::record(inputs, output, Box::new(backward));
+        Some((output.reshape([batch, seq, d_model]), routing_tensors))
     }
 
     /// The experts each token retrieves and their router weights, without computing them.
@@ -305,5 +296,37 @@ impl Peer {
     /// Number of experts N.
     pub fn num_experts(&self) -> usize {
         self.experts.num_experts()
+    }
+}
+
+/// The backward pass of the fused host layer ([`Peer::forward_with_routing`] on Flex).
+struct HostBackward {
+    experts: Experts,
+    gate: Gate,
+    x: Tensor<2>,
+    queries: Tensor<3>,
+    sub_keys: Tensor<4>,
+    routing: HostRouting,
+}
+
+impl Vjp for HostBackward {
+    fn backward(self: Box<Self>, grad_output: Tensor<2>) -> Vec<Option<Tensor<2>>> {
+        const RECORDED: &str = "recorded from Flex f32 tensors";
+        let grads = HostPeer::of(&self.experts, &self.sub_keys, self.gate).expect(RECORDED).backward(
+            &HostValues::of(&self.x).expect(RECORDED),
+            &HostValues::of(&self.queries).expect(RECORDED),
+            &self.routing,
+            &HostValues::of(&grad_output).expect(RECORDED),
+            &self.x.device(),
+        );
+        expert_updates::deposit(&self.experts, grads.rows);
+        let [tokens, heads, key_dim] = grads.queries.dims();
+        let [sets, halves, root, half] = grads.sub_keys.dims();
+        vec![
+            Some(grads.x),
+            Some(grads.queries.reshape([tokens, heads * key_dim])),
+            Some(grads.sub_keys.reshape([sets * halves * root, half])),
+            None,
+        ]
     }
 }

@@ -28,9 +28,12 @@ const UPDATE_ROWS: usize = 1 << 16;
 
 /// Hyper-parameters of the lazy AdamW (defaults as Burn's `AdamWConfig`, no weight decay).
 ///
+/// [`apply_expert_updates`](crate::apply_expert_updates) applies it to every expert pool of a
+/// model; [`step`](Self::step) to one pool:
+///
 /// ```
 /// use burn::tensor::{Device, Distribution, Tensor};
-/// use peer_core::{ExpertTape, PeerConfig, SparseAdamWConfig};
+/// use peer_core::{PeerConfig, SparseAdamWConfig, take_row_gradients};
 ///
 /// let device = Device::flex().autodiff();
 /// let peer = PeerConfig::new(16, 8 * 8).with_heads(2).with_top_k(4).with_key_dim(8).init(&device);
@@ -38,20 +41,15 @@ const UPDATE_ROWS: usize = 1 << 16;
 /// let mut state = optimizer.init_state(&peer.experts);
 ///
 /// let x = Tensor::<3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &device).require_grad();
-/// let mut tape = ExpertTape::new();
-/// let (y, _routing) = peer.forward_taped(x.clone(), &mut tape);
-/// let residual = tape.cut(x);
-/// let mut grads = tape.backward((residual + y).powi_scalar(2).mean());
-/// let _others = grads.params(&peer); // query network, keys, norms: for Burn's optimizer
+/// let _grads = (x.clone() + peer.forward(x)).powi_scalar(2).mean().backward();
+/// let rows = take_row_gradients(&peer.experts).expect("the backward pass left the retrieved rows");
 ///
 /// let before = peer.experts.down.val().inner();
-/// for layer in &grads.rows {
-///     state = optimizer.step(1e-2, &peer.experts, state, &layer.rows);
-/// }
+/// state = optimizer.step(1e-2, &peer.experts, state, &rows);
 /// assert_eq!(state.steps(), 1);
 /// // Only the retrieved rows moved.
 /// let moved = (peer.experts.down.val().inner() - before).abs().sum_dim(1).greater_elem(0.0).int().sum();
-/// assert_eq!(moved.into_scalar::<i64>() as usize, grads.rows[0].rows.ids.dims()[0]);
+/// assert_eq!(moved.into_scalar::<i64>() as usize, rows.ids.dims()[0]);
 /// ```
 #[derive(Config, Debug)]
 pub struct SparseAdamWConfig {

@@ -139,6 +139,13 @@ impl ExpertTable {
         (rows.blocks, rows.rows_per_block)
     }
 
+    /// The first block's value, tracked on an autodiff device when the table requires a
+    /// gradient: a row-sparse node that reads the table lists it as an input (and gives it no
+    /// gradient), so that it runs its backward pass whenever the table is being trained.
+    pub(crate) fn anchor(&self) -> Tensor<2> {
+        self.with(|blocks| blocks[0].val())
+    }
+
     /// Number of row blocks.
     pub fn num_blocks(&self) -> usize {
         self.with(|blocks| blocks.len())

@@ -217,6 +217,9 @@ const ADDED_PRODUCT_KEY_FIELDS: [(&str, fn() -> serde_json::Value); 5] = [
     ("expert_up_init_std", || serde_json::Value::Null),
 ];
 
+/// Fields only PEER configurations gained later, likewise.
+const ADDED_PEER_FIELDS: [(&str, fn() -> serde_json::Value); 1] = [("sparse_gradients", || serde_json::json!(true))];
+
 /// Completes, in place, every PEER and PKM configuration inside `value` (a serialised
 /// [`TransformerConfig`] or anything that holds one) that lacks a field added later, with the
 /// value that reproduces the earlier behaviour. Burn's `Config` derive requires every field
@@ -226,8 +229,9 @@ pub fn complete_legacy_json(value: &mut serde_json::Value) {
         serde_json::Value::Object(fields) => {
             for (key, inner) in fields.iter_mut() {
                 if let ("Peer" | "Pkm", serde_json::Value::Object(layer)) = (key.as_str(), &mut *inner) {
-                    for (field, legacy) in ADDED_PRODUCT_KEY_FIELDS {
-                        layer.entry(field).or_insert_with(legacy);
+                    let peer_only = if key == "Peer" { &ADDED_PEER_FIELDS[..] } else { &[] };
+                    for (field, legacy) in ADDED_PRODUCT_KEY_FIELDS.iter().chain(peer_only) {
+                        layer.entry(*field).or_insert_with(legacy);
                     }
                 }
                 complete_legacy_json(inner);

@@ -6,7 +6,7 @@ use burn::nn::{
     Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding, RotaryEncodingConfig,
 };
 use burn::tensor::{Device, Int, Tensor};
-use peer_core::{ConfigError, DenseFfw, ExpertTape, Moe, Peer, PeerRouting, Pkm, ProductKeys};
+use peer_core::{ConfigError, DenseFfw, Moe, Peer, PeerRouting, Pkm, ProductKeys};
 
 use crate::attention::{CausalSelfAttention, KvCache};
 use crate::config::{FeedForwardConfig, TransformerConfig};
@@ -41,22 +41,18 @@ impl FeedForward {
         }
     }
 
-    fn forward(&self, x: Tensor<3>, tape: Option<&mut ExpertTape>) -> FeedForwardOutput {
-        let (output, aux_loss, mut routing) = match (self, tape) {
-            (Self::Peer(layer), Some(tape)) => {
-                let (y, routing) = layer.forward_taped(x, tape);
-                (y, None, Some(routing))
-            }
-            (Self::Dense(layer), _) => (layer.forward(x), None, None),
-            (Self::Moe(layer), _) => {
+    fn forward(&self, x: Tensor<3>) -> FeedForwardOutput {
+        let (output, aux_loss, mut routing) = match self {
+            Self::Dense(layer) => (layer.forward(x), None, None),
+            Self::Moe(layer) => {
                 let (y, aux) = layer.forward(x);
                 (y, Some(aux), None)
             }
-            (Self::Pkm(layer), _) => {
+            Self::Pkm(layer) => {
                 let (y, routing) = layer.forward_with_routing(x);
                 (y, None, Some(routing))
             }
-            (Self::Peer(layer), None) => {
+            Self::Peer(layer) => {
                 let (y, routing) = layer.forward_with_routing(x);
                 (y, None, Some(routing))
             }
@@ -188,24 +184,7 @@ impl Transformer {
 
     /// Like [`forward`](Self::forward), continuing from the positions held in `cache` (and
     /// appending the new ones to it) when one is given.
-    pub fn forward_cached(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> ModelOutput {
-        self.forward_impl(tokens, cache, None)
-    }
-
-    /// Like [`forward`](Self::forward), with every PEER block's experts computed for row-sparse
-    /// training and recorded on `tape` (see [`ExpertTape`]); finish with
-    /// [`ExpertTape::backward`] on the loss. The residual stream and the auxiliary loss are cut
-    /// after each taped block.
-    pub fn forward_taped(&self, tokens: Tensor<2, Int>, tape: &mut ExpertTape) -> ModelOutput {
-        self.forward_impl(tokens, None, Some(tape))
-    }
-
-    fn forward_impl(
-        &self,
-        tokens: Tensor<2, Int>,
-        mut cache: Option<&mut KvCache>,
-        mut tape: Option<&mut ExpertTape>,
-    ) -> ModelOutput {
+    pub fn forward_cached(&self, tokens: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> ModelOutput {
         let [_, seq] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let max = self.max_seq_len();
@@ -217,15 +196,9 @@ impl Transformer {
         for (index, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer(index));
             x = x.clone() + block.attention.forward(block.attention_norm.forward(x), &self.rope, slot);
-            let ffw = block.feed_forward.forward(block.feed_forward_norm.forward(x.clone()), tape.as_deref_mut());
+            let ffw = block.feed_forward.forward(block.feed_forward_norm.forward(x.clone()));
             if let Some(aux) = ffw.aux_loss {
                 aux_loss = aux_loss + aux;
-            }
-            if let (FeedForward::Peer(_), Some(tape)) = (&block.feed_forward, tape.as_deref_mut()) {
-                // Tensors that continue past a taped block leave its graph segment as leaves
-                // (its own balance loss included: it depends on the block's queries).
-                x = tape.cut(x);
-                aux_loss = tape.cut(aux_loss.reshape([1, 1, 1])).reshape([1]);
             }
             x = x + ffw.output;
             if let Some(routing) = ffw.routing {
@@ -246,27 +219,8 @@ impl Transformer {
     /// # Shapes
     /// - `inputs`, `targets`: `[batch, seq]`
     pub fn loss(&self, inputs: Tensor<2, Int>, targets: Tensor<2, Int>) -> (Tensor<1>, Tensor<1>, ModelOutput) {
-        self.loss_impl(inputs, targets, None)
-    }
-
-    /// [`loss`](Self::loss) through [`forward_taped`](Self::forward_taped).
-    pub fn loss_taped(
-        &self,
-        inputs: Tensor<2, Int>,
-        targets: Tensor<2, Int>,
-        tape: &mut ExpertTape,
-    ) -> (Tensor<1>, Tensor<1>, ModelOutput) {
-        self.loss_impl(inputs, targets, Some(tape))
-    }
-
-    fn loss_impl(
-        &self,
-        inputs: Tensor<2, Int>,
-        targets: Tensor<2, Int>,
-        tape: Option<&mut ExpertTape>,
-    ) -> (Tensor<1>, Tensor<1>, ModelOutput) {
         let [batch, seq] = targets.dims();
-        let output = self.forward_impl(inputs, None, tape);
+        let output = self.forward(inputs);
         let vocab = self.vocab_size();
         let logits = output.logits.clone().reshape([batch * seq, vocab]);
         let cross_entropy =
@@ -287,6 +241,16 @@ impl Transformer {
     /// Number of blocks.
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// Switches row-sparse training of every PEER block's expert tables on or off (see
+    /// [`PeerConfig::sparse_gradients`](peer_core::PeerConfig::sparse_gradients)).
+    pub fn set_sparse_gradients(&mut self, on: bool) {
+        for block in &mut self.blocks {
+            if let FeedForward::Peer(peer) = &mut block.feed_forward {
+                peer.experts.sparse_gradients = on;
+            }
+        }
     }
 
     /// The PEER layers, in block order.

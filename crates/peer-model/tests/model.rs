@@ -5,6 +5,6 @@ mod model {
     pub mod cost;
     pub mod generation;
     pub mod helpers;
-    pub mod taped;
+    pub mod row_sparse;
     pub mod training;
 }

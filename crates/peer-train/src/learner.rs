@@ -2,7 +2,6 @@
 //! checkpoints written atomically.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use burn::module::Module;
 use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
@@ -11,7 +10,7 @@ use burn::store::RecordError;
 use burn::tensor::{Bytes, Tensor};
 use burn::train::checkpoint::{Checkpoint, Checkpointer, CheckpointerError};
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
-use peer_core::{ExpertTape, SparseAdamWConfig, SparseAdamWState, TableGradients};
+use peer_core::{SparseAdamWConfig, SparseAdamWState, apply_expert_updates};
 use peer_model::Transformer;
 use peer_model::checkpoint::write_atomic;
 use serde::{Deserialize, Serialize};
@@ -22,9 +21,9 @@ use crate::metrics::LmOutput;
 /// How the PEER expert tables are trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum ExpertUpdates {
-    /// Only the rows retrieved in a step get gradient and optimizer work
-    /// ([`ExpertTape`] + lazy AdamW, [`SparseAdamWConfig`]); the cost of a step does not grow
-    /// with the number of experts.
+    /// Only the rows retrieved in a step get gradient and optimizer work (the layers'
+    /// row-sparse backward pass and the lazy AdamW, [`apply_expert_updates`]); the cost of a
+    /// step does not grow with the number of experts.
     #[default]
     Sparse,
     /// Autodiff's dense `[N, d_model]` gradients and Burn's AdamW over every row.
@@ -33,10 +32,10 @@ pub enum ExpertUpdates {
 
 /// A [`Transformer`] trained on next-token prediction.
 ///
-/// With [`ExpertUpdates::Sparse`], [`TrainStep::step`] backpropagates through an
-/// [`ExpertTape`], hands Burn's optimizer the gradients of every other parameter, and keeps
-/// the expert tables' row gradients until [`TrainStep::optimize`] applies them with the lazy
-/// AdamW (in place, before Burn's optimizer updates the rest).
+/// [`TrainStep::step`] is a plain `loss.backward()`. With [`ExpertUpdates::Sparse`], the PEER
+/// blocks leave their tables' row gradients in peer-core's row store, and
+/// [`TrainStep::optimize`] applies them with the lazy AdamW ([`apply_expert_updates`], in
+/// place) before Burn's optimizer updates the rest.
 #[derive(Module, Debug)]
 pub struct LanguageModel {
     /// The network.
@@ -45,39 +44,25 @@ pub struct LanguageModel {
     /// trained densely). Part of the model record, so training checkpoints carry it.
     pub expert_optimizer: Vec<SparseAdamWState>,
     #[module(skip)]
-    sparse: Option<SparseTraining>,
-}
-
-#[derive(Debug, Clone)]
-struct SparseTraining {
-    optimizer: SparseAdamWConfig,
-    /// Row gradients between `step` and `optimize` (shared by the learner's clones).
-    pending: Arc<Mutex<Vec<TableGradients>>>,
+    sparse: Option<SparseAdamWConfig>,
 }
 
 impl LanguageModel {
     /// Wraps `transformer`; `grad_clip_norm` clips each expert table's row gradients as Burn
     /// clips every other parameter.
-    pub fn new(transformer: Transformer, updates: ExpertUpdates, grad_clip_norm: f64) -> Self {
-        let sparse =
-            (updates == ExpertUpdates::Sparse && transformer.peer_layers().next().is_some()).then(|| SparseTraining {
-                optimizer: SparseAdamWConfig::new()
-                    .with_weight_decay(0.0)
-                    .with_grad_clip_norm(Some(grad_clip_norm as f32)),
-                pending: Arc::default(),
-            });
+    pub fn new(mut transformer: Transformer, updates: ExpertUpdates, grad_clip_norm: f64) -> Self {
+        transformer.set_sparse_gradients(updates == ExpertUpdates::Sparse);
+        let sparse = (updates == ExpertUpdates::Sparse && transformer.peer_layers().next().is_some())
+            .then(|| SparseAdamWConfig::new().with_weight_decay(0.0).with_grad_clip_norm(Some(grad_clip_norm as f32)));
         let expert_optimizer = match &sparse {
-            Some(s) => transformer.peer_layers().map(|p| s.optimizer.init_state(&p.experts)).collect(),
+            Some(optimizer) => optimizer.init_states(&transformer),
             None => Vec::new(),
         };
         Self { transformer, expert_optimizer, sparse }
     }
 
-    fn run(&self, batch: LmBatch, tape: Option<&mut ExpertTape>) -> (Tensor<1>, LmOutput) {
-        let (loss, cross_entropy, output) = match tape {
-            Some(tape) => self.transformer.loss_taped(batch.inputs, batch.targets.clone(), tape),
-            None => self.transformer.loss(batch.inputs, batch.targets.clone()),
-        };
+    fn run(&self, batch: LmBatch) -> (Tensor<1>, LmOutput) {
+        let (loss, cross_entropy, output) = self.transformer.loss(batch.inputs, batch.targets.clone());
         let item =
             LmOutput { loss: cross_entropy, logits: output.logits, targets: batch.targets, routings: output.routings };
         (loss, item)
@@ -89,41 +74,13 @@ impl TrainStep for LanguageModel {
     type Output = LmOutput;
 
     fn step(&self, batch: LmBatch) -> TrainOutput<LmOutput> {
-        let Some(sparse) = &self.sparse else {
-            let (loss, item) = self.run(batch, None);
-            return TrainOutput::new(self, loss.backward(), item);
-        };
-        let mut tape = ExpertTape::new();
-        let (loss, item) = self.run(batch, Some(&mut tape));
-        let mut gradients = tape.backward(loss);
-        let grads = gradients.params(self);
-        sparse.pending.lock().unwrap_or_else(|e| e.into_inner()).extend(gradients.rows);
-        TrainOutput { grads, item }
+        let (loss, item) = self.run(batch);
+        TrainOutput::new(self, loss.backward(), item)
     }
 
     fn optimize(mut self, optim: &mut ModuleOptimizer, lr: ModuleLearningRate, grads: GradientsParams) -> Self {
-        if let Some(sparse) = &self.sparse {
-            let pending = std::mem::take(&mut *sparse.pending.lock().unwrap_or_else(|e| e.into_inner()));
-            let states = std::mem::take(&mut self.expert_optimizer);
-            self.expert_optimizer = self
-                .transformer
-                .peer_layers()
-                .zip(states)
-                .map(|(peer, state)| {
-                    let id = peer.experts.down.id();
-                    let mut rows = pending.iter().filter(|p| p.down == id);
-                    match (rows.next(), rows.next()) {
-                        (Some(rows), None) => {
-                            let rate = lr.lr_from_param(id, Some("experts.down"));
-                            sparse.optimizer.step(rate, &peer.experts, state, &rows.rows)
-                        }
-                        (None, _) => state,
-                        (Some(_), Some(_)) => panic!(
-                            "row-sparse expert updates do not support gradient accumulation; use ExpertUpdates::Dense"
-                        ),
-                    }
-                })
-                .collect();
+        if let Some(optimizer) = &self.sparse {
+            apply_expert_updates(&self.transformer, optimizer, &lr, &mut self.expert_optimizer);
         }
         // The expert tables have no entry in `grads`: Burn's optimizer leaves them as they are.
         optim.step(lr, self, grads)
@@ -135,7 +92,7 @@ impl InferenceStep for LanguageModel {
     type Output = LmOutput;
 
     fn step(&self, batch: LmBatch) -> LmOutput {
-        self.run(batch, None).1
+        self.run(batch).1
     }
 }
 

@@ -220,10 +220,6 @@ impl HostRouting {
         )
     }
 
-    pub(crate) fn gate(&self) -> Gate {
-        self.gate
-    }
-
     fn per_token(&self) -> usize {
         self.layout.heads * self.layout.top_k
     }

@@ -40,7 +40,10 @@ struct Outcome {
 
 fn run(peer: &Peer, x: &[f32], r: &[f32], shape: [usize; 3], device: &Device) -> Outcome {
     let device = device.clone().autodiff();
-    let peer = peer.clone().fork(&device);
+    // Dense table gradients: every backend through the same tensor ops (the row-sparse paths
+    // are compared with these in sparse.rs).
+    let mut peer = peer.clone().fork(&device);
+    peer.experts.sparse_gradients = false;
     let x = tensor(x.to_vec(), shape, &device);
     let r = tensor(r.to_vec(), shape, &device);
     let (y, routing) = peer.forward_with_routing(x);

@@ -13,8 +13,11 @@ fn tiny(query_norm: QueryNorm, device: &Device) -> Peer {
     tiny_scored(query_norm, KeyScoring::Dot, device)
 }
 
+/// A small layer with dense table gradients (autodiff's, compared here with finite
+/// differences; `sparse.rs` shows the row-sparse path equals them).
 fn tiny_scored(query_norm: QueryNorm, scoring: KeyScoring, device: &Device) -> Peer {
     let mut peer = PeerConfig::new(D_MODEL, 6 * 6)
+        .with_sparse_gradients(false)
         .with_scoring(scoring)
         .with_heads(2)
         .with_top_k(3)

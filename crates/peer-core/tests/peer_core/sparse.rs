@@ -1,12 +1,13 @@
-//! Row-sparse training: taped gradients against autodiff's dense ones, the lazy AdamW against
-//! Burn's AdamW and against a plain-Rust implementation of the documented rule.
+//! Row-sparse training: the row-sparse backward pass against autodiff's dense gradients, the
+//! row store and the model walk, the lazy AdamW against Burn's AdamW and against a plain-Rust
+//! implementation of the documented rule.
 
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use peer_core::{
-    Activation, ExpertTape, Gate, KeyScoring, Peer, PeerConfig, QueryNorm, RowGradients, SparseAdamWConfig,
+    Activation, Gate, KeyScoring, Peer, PeerConfig, QueryNorm, RowGradients, SparseAdamWConfig, take_row_gradients,
     touched_rows,
 };
 
@@ -44,8 +45,8 @@ fn loss(x: Tensor<3>, y: Tensor<3>, weights: &Tensor<3>) -> Tensor<1> {
     ((x.clone() + y) * weights.clone()).tanh().sum() + x.powi_scalar(2).sum() * 0.1
 }
 
-/// Every gradient through the tape equals autodiff's on the same computation (on Flex the tape
-/// runs the host kernels, on wgpu tensor ops).
+/// Every gradient of the row-sparse backward pass equals autodiff's on the same computation
+/// (on Flex it runs the host kernels, on wgpu tensor ops).
 #[test]
 fn taped_gradients_equal_autodiff() {
     for (name, base) in devices() {
@@ -58,8 +59,8 @@ fn taped_gradients_equal_autodiff() {
 
 /// The Flex host kernels where they split their work: more than one retrieval block (over 128
 /// query rows), several expert ranges per thread, per-head keys, tables in row blocks, both
-/// gates and activations, every scoring. Output and gradients through the tape (host kernels)
-/// equal autodiff over the tensor path.
+/// gates and activations, every scoring. Output and gradients of the row-sparse path (host
+/// kernels) equal autodiff over the tensor path.
 #[test]
 fn host_kernels_equal_autodiff_at_larger_sizes() {
     let device = Device::flex().autodiff();
@@ -90,7 +91,15 @@ fn host_kernels_equal_autodiff_at_larger_sizes() {
     }
 }
 
-/// Output and every gradient through the tape equal autodiff's on the same computation:
+/// The layer with dense table gradients (autodiff over the tensor path), sharing `peer`'s
+/// parameters.
+fn dense_twin(peer: &Peer) -> Peer {
+    let mut dense = peer.clone();
+    dense.experts.sparse_gradients = false;
+    dense
+}
+
+/// Output and every gradient of the row-sparse path equal autodiff's on the same computation:
 /// input, query network, sub-keys, norm, and the dense table gradients on the retrieved rows
 /// (zero elsewhere).
 fn assert_taped_equals_autodiff(name: &str, peer: &Peer, device: &Device, shape: [usize; 3], rng: &mut Rng) {
@@ -99,50 +108,49 @@ fn assert_taped_equals_autodiff(name: &str, peer: &Peer, device: &Device, shape:
     let weights = tensor(rng.normals(batch * seq * d_model, 1.0), shape, device);
 
     let x_dense = tensor(values.clone(), shape, device).require_grad();
-    let (y_dense, _) = peer.forward_with_routing(x_dense.clone());
+    let (y_dense, _) = dense_twin(peer).forward_with_routing(x_dense.clone());
     let y_dense_values = host(&y_dense);
     let dense = loss(x_dense.clone(), y_dense, &weights).backward();
 
     let x_taped = tensor(values, shape, device).require_grad();
-    let mut tape = ExpertTape::new();
-    let (y, routing) = peer.forward_taped(x_taped.clone(), &mut tape);
+    let (y, routing) = peer.forward_with_routing(x_taped.clone());
     let y_taped_values = host(&y);
-    let residual = tape.cut(x_taped.clone());
-    let taped = tape.backward(loss(residual, y, &weights));
+    let taped = loss(x_taped.clone(), y, &weights).backward();
+    let table_rows = take_row_gradients(&peer.experts).expect("the backward pass left row gradients");
+    assert!(take_row_gradients(&peer.experts).is_none(), "{name}: taking the rows empties the store");
 
     let close = |what: &str, a: Vec<f64>, b: Vec<f64>| {
         let err = relative_error(&a, &b);
         assert!(err < 1e-5, "{name}: {what}: relative error {err}");
     };
     close("output", y_taped_values, y_dense_values);
-    close("dL/dx", host(&taped.grad(&x_taped).unwrap()), host(&x_dense.grad(&dense).unwrap()));
+    close("dL/dx", host(&x_taped.grad(&taped).unwrap()), host(&x_dense.grad(&dense).unwrap()));
     close(
         "query weight",
-        host(&taped.grad(&peer.query.linear.weight.val()).unwrap()),
+        host(&peer.query.linear.weight.grad(&taped).unwrap()),
         host(&peer.query.linear.weight.grad(&dense).unwrap()),
     );
     close(
         "sub-keys",
-        host(&taped.grad(&peer.product_keys.sub_keys.val()).unwrap()),
+        host(&peer.product_keys.sub_keys.grad(&taped).unwrap()),
         host(&peer.product_keys.sub_keys.grad(&dense).unwrap()),
     );
     if let Some(scale) = peer.product_keys.score_scale.as_ref() {
-        close("score scale", host(&taped.grad(&scale.val()).unwrap()), host(&scale.grad(&dense).unwrap()));
+        close("score scale", host(&scale.grad(&taped).unwrap()), host(&scale.grad(&dense).unwrap()));
     }
     if let Some(bn) = peer.query.batch_norm.as_ref() {
-        close("BatchNorm γ", host(&taped.grad(&bn.gamma.val()).unwrap()), host(&bn.gamma.grad(&dense).unwrap()));
+        close("BatchNorm γ", host(&bn.gamma.grad(&taped).unwrap()), host(&bn.gamma.grad(&dense).unwrap()));
     }
     if let Some(ln) = peer.query.layer_norm.as_ref() {
-        close("LayerNorm γ", host(&taped.grad(&ln.gamma.val()).unwrap()), host(&ln.gamma.grad(&dense).unwrap()));
+        close("LayerNorm γ", host(&ln.gamma.grad(&taped).unwrap()), host(&ln.gamma.grad(&dense).unwrap()));
     }
-    assert!(taped.grad(&peer.experts.down.val()).is_none(), "{name}: taped tables must get no dense gradient");
+    assert!(peer.experts.down.grad(&taped).is_none(), "{name}: row-sparse tables must get no dense gradient");
+    assert!(peer.experts.up.grad(&taped).is_none(), "{name}: row-sparse tables must get no dense gradient");
 
-    let [table_rows] = &taped.rows[..] else { panic!("{name}: one layer taped") };
-    assert_eq!(table_rows.down, peer.experts.down.id());
-    let ids = host_int(&table_rows.rows.ids);
+    let ids = host_int(&table_rows.ids);
     let retrieved: std::collections::BTreeSet<i64> = host_int(&routing.expert_ids).into_iter().collect();
     assert_eq!(ids, retrieved.into_iter().collect::<Vec<_>>(), "{name}: rows = the retrieved experts");
-    for (table, rows) in [(&peer.experts.down, &table_rows.rows.down), (&peer.experts.up, &table_rows.rows.up)] {
+    for (table, rows) in [(&peer.experts.down, &table_rows.down), (&peer.experts.up, &table_rows.up)] {
         let full = host(&table.grad(&dense).unwrap());
         let rows = host(rows);
         let mut expected = Vec::new();
@@ -193,14 +201,11 @@ fn sparse_step_equals_dense_adamw_on_touched_rows() {
         let weights = tensor(rng.normals(20 * D_MODEL, 1.0), [4, 5, D_MODEL], &device);
         let (lr, decay, clip) = (0.05, 0.1, 0.5);
 
-        // Sparse: taped row gradients through the lazy AdamW, on an unshared copy.
+        // Sparse: row gradients through the lazy AdamW, on an unshared copy.
         let before = peer.clone().fork(&device);
         let sparse = before.clone().fork(&device);
-        let mut tape = ExpertTape::new();
-        let (y, _) = sparse.forward_taped(x.clone(), &mut tape);
-        let residual = tape.cut(x);
-        let taped = tape.backward(loss(residual, y, &weights));
-        let rows = &taped.rows[0].rows;
+        let _ = loss(x.clone(), sparse.forward(x), &weights).backward();
+        let rows = &take_row_gradients(&sparse.experts).expect("row gradients");
         let config = SparseAdamWConfig::new().with_weight_decay(decay).with_grad_clip_norm(Some(clip));
         let state = config.init_state(&sparse.experts);
         let state = config.step(lr, &sparse.experts, state, rows);
@@ -323,11 +328,10 @@ fn blocked_tables_train_like_one_table() {
         let mut results = Vec::new();
         for peer in [&whole, &blocked] {
             let dense_output = host(&peer.forward(x.clone()));
-            let mut tape = ExpertTape::new();
-            let (y, _) = peer.forward_taped(x.clone(), &mut tape);
+            let y = peer.forward(x.clone());
             let output = host(&y);
-            let taped = tape.backward(y.powi_scalar(2).sum());
-            let rows = &taped.rows[0].rows;
+            let _ = y.powi_scalar(2).sum().backward();
+            let rows = &take_row_gradients(&peer.experts).expect("row gradients");
             let state = config.init_state(&peer.experts);
             let _ = config.step(0.1, &peer.experts, state, rows);
             results.push((
@@ -342,7 +346,7 @@ fn blocked_tables_train_like_one_table() {
         let (a, b) = (&results[0], &results[1]);
         for (what, x, y) in [
             ("dense forward", &a.0, &b.0),
-            ("taped forward", &a.1, &b.1),
+            ("row-sparse forward", &a.1, &b.1),
             ("dL/du rows", &a.2, &b.2),
             ("dL/dv rows", &a.3, &b.3),
             ("u after step", &a.4, &b.4),

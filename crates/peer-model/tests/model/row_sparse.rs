@@ -1,11 +1,11 @@
-//! Row-sparse training through `Transformer::loss_taped` computes exactly the gradients of the
-//! ordinary autodiff path: every parameter, across several taped blocks and an MoE auxiliary
-//! loss that crosses them.
+//! Row-sparse training of a whole `Transformer` (a plain `loss.backward()` with the PEER blocks'
+//! own backward pass) computes exactly the gradients of the dense autodiff path: every
+//! parameter, across several PEER blocks and an MoE auxiliary loss that crosses them.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
-use peer_core::{ExpertTape, MoeConfig, MoeRouting, PeerConfig, QueryNorm};
+use peer_core::{MoeConfig, MoeRouting, PeerConfig, QueryNorm, expert_pools, take_row_gradients};
 use peer_model::{FeedForwardConfig, TransformerConfig};
 
 use super::helpers::{D_MODEL, VOCAB, host, tokens};
@@ -29,7 +29,7 @@ impl ModuleVisitor for Compare<'_> {
         let name = self.path.join(".");
         let taped = self.taped.get::<D>(param.id);
         if self.tables.contains(&param.id) {
-            assert!(taped.is_none(), "{name}: a taped expert table got a dense gradient");
+            assert!(taped.is_none(), "{name}: a row-sparse expert table got a dense gradient");
             return;
         }
         let (dense, taped) = match (self.dense.get::<D>(param.id), taped) {
@@ -47,7 +47,7 @@ impl ModuleVisitor for Compare<'_> {
 }
 
 #[test]
-fn taped_model_gradients_equal_autodiff() {
+fn row_sparse_model_gradients_equal_autodiff() {
     let device = Device::flex().autodiff();
     device.seed(3);
     let peer = PeerConfig::new(D_MODEL, 8 * 8)
@@ -69,15 +69,15 @@ fn taped_model_gradients_equal_autodiff() {
         &device,
     );
 
-    let (loss, _, _) = model.loss(inputs.clone(), targets.clone());
-    let dense_grads = loss.backward();
-    let dense = GradientsParams::from_grads(dense_grads, &model);
+    let mut dense_model = model.clone();
+    dense_model.set_sparse_gradients(false);
+    let (loss, _, _) = dense_model.loss(inputs.clone(), targets.clone());
+    let dense = GradientsParams::from_grads(loss.backward(), &dense_model);
 
-    let mut tape = ExpertTape::new();
-    let (loss, _, _) = model.loss_taped(inputs, targets, &mut tape);
-    assert_eq!(tape.len(), 3, "three PEER blocks taped");
-    let mut taped_grads = tape.backward(loss);
-    let taped = taped_grads.params(&model);
+    let (loss, _, _) = model.loss(inputs, targets);
+    let taped = GradientsParams::from_grads(loss.backward(), &model);
+    let pools = expert_pools(&model);
+    assert_eq!(pools.len(), 3, "three PEER blocks found by the module walk");
 
     let peers: Vec<_> = model.peer_layers().collect();
     let tables = peers.iter().flat_map(|p| [p.experts.down.id(), p.experts.up.id()]).collect();
@@ -86,11 +86,12 @@ fn taped_model_gradients_equal_autodiff() {
     assert!(compare.compared > 20, "only {} parameters compared", compare.compared);
 
     // The tables: the rows' gradients equal the dense gradient's rows, which is zero elsewhere.
-    assert_eq!(taped_grads.rows.len(), 3);
-    for peer in peers {
-        let rows = taped_grads.rows.iter().find(|r| r.down == peer.experts.down.id()).expect("rows of this layer");
-        let ids: Vec<i64> = rows.rows.ids.to_data().iter::<i64>().collect();
-        for (table, grad_rows) in [(&peer.experts.down, &rows.rows.down), (&peer.experts.up, &rows.rows.up)] {
+    for (peer, pool) in peers.into_iter().zip(&pools) {
+        assert_eq!(pool.down, peer.experts.down.id(), "walk order = block order");
+        assert!(pool.path.ends_with("feed_forward.Peer.experts.down"), "{}", pool.path);
+        let rows = take_row_gradients(&peer.experts).expect("rows of this layer");
+        let ids: Vec<i64> = rows.ids.to_data().iter::<i64>().collect();
+        for (table, grad_rows) in [(&peer.experts.down, &rows.down), (&peer.experts.up, &rows.up)] {
             let full = host(&dense.get::<2>(table.id()).expect("dense table gradient"));
             let grad_rows = host(grad_rows);
             let scale = full.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
