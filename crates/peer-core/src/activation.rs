@@ -1,6 +1,27 @@
 //! Activations whose gradients are exact on every backend.
 
 use burn::tensor::Tensor;
+use burn::tensor::activation::relu;
+
+use crate::config::Activation;
+
+impl Activation {
+    /// σ(x), element-wise.
+    pub fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Activation::Relu => relu(x),
+            Activation::Gelu => gelu(x),
+        }
+    }
+
+    /// σ'(x), element-wise (ReLU's is 0 at 0).
+    pub fn derivative<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Activation::Relu => x.greater_elem(0.0).float(),
+            Activation::Gelu => gelu_derivative(x),
+        }
+    }
+}
 
 /// GELU, `0.5 · x · (1 + erf(x / √2))`, built from `erf` so autodiff differentiates it exactly.
 ///

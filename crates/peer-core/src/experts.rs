@@ -12,22 +12,13 @@
 //!   [`SparseAdamWConfig`](crate::SparseAdamWConfig) applies them.
 
 use burn::module::Module;
-use burn::tensor::activation::relu;
-use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{Device, Distribution, Int, Tensor};
 
-use crate::activation::{gelu, gelu_derivative};
 use crate::config::Activation;
 use crate::custom_op::{self, Vjp};
 use crate::expert_updates;
-use crate::host;
-use crate::table::{ExpertTable, GPU_BLOCK_BYTES, TableRows, block_rows};
-use crate::topk::is_cpu_backend;
-
-/// Size of one gathered `[tokens, m, d_model]` block in the detached path: 8 MiB on CPU
-/// backends (the block stays in cache between the gather and its use), 64 MiB on GPU backends.
-fn detached_block_bytes(device: &Device) -> usize {
-    if is_cpu_backend(device) { 8 << 20 } else { GPU_BLOCK_BYTES }
-}
+use crate::kernels;
+use crate::table::{ExpertTable, block_rows};
 
 /// The expert tables: row i of `down` is u_i, row i of `up` is v_i.
 #[derive(Module, Debug)]
@@ -81,45 +72,7 @@ pub struct ExpertGradients {
 /// count per expert, a cumulative sum for the rank of each touched expert, and one scalar read
 /// for their number. O(num_experts) integer work, none of it `d_model` wide.
 pub fn touched_rows(expert_ids: Tensor<1, Int>, num_experts: usize) -> TouchedRows {
-    let device = expert_ids.device();
-    let [slots] = expert_ids.dims();
-    let counts = Tensor::<1, Int>::zeros([num_experts], &device).select_assign(
-        0,
-        expert_ids.clone(),
-        Tensor::ones([slots], &device),
-        IndexingUpdateOp::Add,
-    );
-    let touched = counts.greater_elem(0);
-    let rank = prefix_sum(touched.clone().int()) - 1;
-    let distinct = rank.clone().slice(num_experts - 1..num_experts).into_scalar::<i64>() as usize + 1;
-    let inverse = rank.clone().select(0, expert_ids);
-    // Touched expert e goes to slot rank[e]; untouched ones all land on a spare slot `distinct`.
-    let target = rank.mask_fill(touched.clone().bool_not(), distinct as i64);
-    let values = Tensor::<1, Int>::arange(0..num_experts as i64, &device).mask_fill(touched.bool_not(), 0);
-    let ids = Tensor::<1, Int>::zeros([distinct + 1], &device)
-        .select_assign(0, target, values, IndexingUpdateOp::Add)
-        .slice(0..distinct);
-    TouchedRows { ids, inverse }
-}
-
-/// Inclusive prefix sum. CPU backends have a native `cumsum`; CubeCL's takes time quadratic in
-/// the length (50 s for 2²⁰ entries on Mesa's driver), so GPU backends add shifted copies in
-/// log₂(n) steps (Hillis–Steele) instead.
-fn prefix_sum(x: Tensor<1, Int>) -> Tensor<1, Int> {
-    if is_cpu_backend(&x.device()) {
-        return x.cumsum(0);
-    }
-    let [n] = x.dims();
-    let device = x.device();
-    let mut sum = x;
-    let mut offset = 1;
-    while offset < n {
-        let shifted =
-            Tensor::cat(vec![Tensor::<1, Int>::zeros([offset], &device), sum.clone().slice(0..n - offset)], 0);
-        sum = sum + shifted;
-        offset *= 2;
-    }
-    sum
+    kernels::touched_rows(expert_ids, num_experts)
 }
 
 impl Experts {
@@ -164,66 +117,7 @@ impl Experts {
     /// - `router_weights`: `[tokens, m]`
     /// - output: `[tokens, d_model]`
     pub fn forward(&self, x: Tensor<2>, expert_ids: Tensor<2, Int>, router_weights: Tensor<2>) -> Tensor<2> {
-        let [tokens, d_model] = x.dims();
-        let [_, m] = expert_ids.dims();
-        // GPU backends cap one buffer (wgpu: a 128 MiB storage binding); keep each gathered
-        // [chunk, m, d_model] block within 64 MiB there. CPU backends take all tokens at once:
-        // every chunk's backward would write another dense [N, d_model] gradient.
-        let chunk = if is_cpu_backend(&x.device()) {
-            tokens
-        } else {
-            (GPU_BLOCK_BYTES / (m * d_model * 4)).clamp(1, tokens.max(1))
-        };
-        self.forward_in_blocks(&self.down.rows(), &self.up.rows(), x, expert_ids, router_weights, chunk)
-    }
-
-    /// Eq. 5 from the tables `down` and `up`, in blocks of at most `chunk` tokens.
-    fn forward_in_blocks(
-        &self,
-        down: &TableRows,
-        up: &TableRows,
-        x: Tensor<2>,
-        expert_ids: Tensor<2, Int>,
-        router_weights: Tensor<2>,
-        chunk: usize,
-    ) -> Tensor<2> {
-        let [tokens, _] = x.dims();
-        let chunk = chunk.max(1);
-        let outputs = (0..tokens)
-            .step_by(chunk)
-            .map(|start| {
-                let len = chunk.min(tokens - start);
-                self.forward_block(
-                    down,
-                    up,
-                    x.clone().narrow(0, start, len),
-                    expert_ids.clone().narrow(0, start, len),
-                    router_weights.clone().narrow(0, start, len),
-                )
-            })
-            .collect();
-        Tensor::cat(outputs, 0)
-    }
-
-    /// Eq. 5 on one block of tokens, from the tables `down` and `up`.
-    fn forward_block(
-        &self,
-        down: &TableRows,
-        up: &TableRows,
-        x: Tensor<2>,
-        expert_ids: Tensor<2, Int>,
-        router_weights: Tensor<2>,
-    ) -> Tensor<2> {
-        let [tokens, d_model] = x.dims();
-        let [_, m] = expert_ids.dims();
-        let ids = expert_ids.reshape([tokens * m]);
-
-        let u = down.gather(ids.clone()).reshape([tokens, m, d_model]);
-        let pre_activation = u.matmul(x.reshape([tokens, d_model, 1])).reshape([tokens, m]);
-        let hidden = self.activate(pre_activation) * router_weights;
-
-        let v = up.gather(ids).reshape([tokens, m, d_model]);
-        hidden.reshape([tokens, 1, m]).matmul(v).reshape([tokens, d_model])
+        kernels::experts_forward_tracked(self, x, expert_ids, router_weights)
     }
 
     /// Eq. 5 like [`forward`](Self::forward), differentiable in `x` and `router_weights`, with
@@ -252,12 +146,6 @@ impl Experts {
         custom_op::record([x, router_weights, self.down.anchor()], output, Box::new(backward))
     }
 
-    /// Tokens per block of the detached path.
-    fn detached_chunk(&self, device: &Device, m: usize) -> usize {
-        let [_, d_model] = self.down.dims();
-        (detached_block_bytes(device) / (m * d_model * 4)).max(1)
-    }
-
     /// Eq. 5 like [`forward`](Self::forward), computed without autodiff. On Flex (f32) by the
     /// fused host kernel, expert by expert; elsewhere in token blocks whose gathered rows
     /// (`[block, m, d_model]`, 8 MiB on CPU, 64 MiB on GPU backends) are freed before the next
@@ -267,14 +155,7 @@ impl Experts {
     /// - `x`: `[tokens, d_model]`, `expert_ids`, `router_weights`: `[tokens, m]`
     /// - output: `[tokens, d_model]`
     pub fn forward_detached(&self, x: Tensor<2>, expert_ids: Tensor<2, Int>, router_weights: Tensor<2>) -> Tensor<2> {
-        let (x, expert_ids, router_weights) = (x.inner(), expert_ids.inner(), router_weights.inner());
-        if let Some(output) = host::experts_forward(self, &x, &expert_ids, &router_weights) {
-            return output;
-        }
-        let [_, m] = expert_ids.dims();
-        let chunk = self.detached_chunk(&x.device(), m);
-        let (down, up) = (self.down.rows().inner(), self.up.rows().inner());
-        self.forward_in_blocks(&down, &up, x, expert_ids, router_weights, chunk)
+        kernels::experts_forward(self, x, expert_ids, router_weights)
     }
 
     /// The vector-Jacobian product of [`forward_detached`](Self::forward_detached): given
@@ -296,65 +177,7 @@ impl Experts {
         router_weights: Tensor<2>,
         grad_output: Tensor<2>,
     ) -> ExpertGradients {
-        let (x, expert_ids) = (x.inner(), expert_ids.inner());
-        let (router_weights, grad_output) = (router_weights.inner(), grad_output.inner());
-        if let Some(grads) = host::experts_backward(self, &x, &expert_ids, &router_weights, &grad_output) {
-            return grads;
-        }
-        let [tokens, d_model] = x.dims();
-        let [_, m] = expert_ids.dims();
-        let device = x.device();
-        let touched = touched_rows(expert_ids.clone().reshape([tokens * m]), self.num_experts());
-        let [distinct] = touched.ids.dims();
-        let (down, up) = (self.down.rows().inner(), self.up.rows().inner());
-        let mut grad_down = Tensor::<2>::zeros([distinct, d_model], &device);
-        let mut grad_up = Tensor::<2>::zeros([distinct, d_model], &device);
-        let mut grad_x = Vec::new();
-        let mut grad_g = Vec::new();
-        let chunk = self.detached_chunk(&device, m);
-        for start in (0..tokens).step_by(chunk) {
-            let len = chunk.min(tokens - start);
-            let x = x.clone().narrow(0, start, len);
-            let g = router_weights.clone().narrow(0, start, len);
-            let dy = grad_output.clone().narrow(0, start, len);
-            let ids = expert_ids.clone().narrow(0, start, len).reshape([len * m]);
-            let slots = touched.inverse.clone().narrow(0, start * m, len * m);
-
-            let u = down.gather(ids.clone()).reshape([len, m, d_model]);
-            let a = u.clone().matmul(x.clone().reshape([len, d_model, 1])).reshape([len, m]);
-            let sigma = self.activate(a.clone());
-            let v = up.gather(ids).reshape([len, m, d_model]);
-
-            let dh = v.matmul(dy.clone().reshape([len, d_model, 1])).reshape([len, m]);
-            let da = dh.clone() * g.clone() * self.activation_derivative(a);
-            let dv = (sigma.clone() * g).reshape([len, m, 1]) * dy.reshape([len, 1, d_model]);
-            grad_g.push(dh * sigma);
-            grad_x.push(da.clone().reshape([len, 1, m]).matmul(u).reshape([len, d_model]));
-            let du = da.reshape([len, m, 1]) * x.reshape([len, 1, d_model]);
-
-            grad_down =
-                grad_down.select_assign(0, slots.clone(), du.reshape([len * m, d_model]), IndexingUpdateOp::Add);
-            grad_up = grad_up.select_assign(0, slots, dv.reshape([len * m, d_model]), IndexingUpdateOp::Add);
-        }
-        ExpertGradients {
-            x: Tensor::cat(grad_x, 0),
-            router_weights: Tensor::cat(grad_g, 0),
-            rows: RowGradients { ids: touched.ids, down: grad_down, up: grad_up },
-        }
-    }
-
-    fn activation_derivative(&self, a: Tensor<2>) -> Tensor<2> {
-        match self.activation {
-            Activation::Relu => a.greater_elem(0.0).float(),
-            Activation::Gelu => gelu_derivative(a),
-        }
-    }
-
-    fn activate<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        match self.activation {
-            Activation::Relu => relu(x),
-            Activation::Gelu => gelu(x),
-        }
+        kernels::experts_backward(self, x, expert_ids, router_weights, grad_output)
     }
 }
 
@@ -377,6 +200,7 @@ impl Vjp for ExpertsBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::tensor_ops::forward_in_blocks;
     use burn::tensor::TensorData;
 
     /// Token blocks give the same outputs and gradients as one block.
@@ -389,8 +213,8 @@ mod tests {
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [7, 3]), &device);
         let w = Tensor::<2>::random([7, 3], Distribution::Uniform(0.0, 1.0), &device);
         let (down, up) = (experts.down.rows(), experts.up.rows());
-        let whole = experts.forward_in_blocks(&down, &up, x.clone(), ids.clone(), w.clone(), 7);
-        let blocks = experts.forward_in_blocks(&down, &up, x.clone(), ids, w, 3);
+        let whole = forward_in_blocks(&experts, &down, &up, x.clone(), ids.clone(), w.clone(), 7);
+        let blocks = forward_in_blocks(&experts, &down, &up, x.clone(), ids, w, 3);
         whole.clone().into_data().assert_approx_eq::<f32>(&blocks.clone().into_data(), Default::default());
         let g_whole = whole.sum().backward();
         let g_blocks = blocks.sum().backward();

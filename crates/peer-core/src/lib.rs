@@ -53,8 +53,8 @@ mod dense;
 mod error;
 pub mod expert_updates;
 mod experts;
-mod host;
 pub mod interop;
+mod kernels;
 mod moe;
 mod peer;
 mod pkm;
@@ -62,7 +62,6 @@ mod product_keys;
 mod query;
 pub mod sparse_adamw;
 pub mod table;
-mod topk;
 mod usage;
 
 pub use config::{Activation, Balance, Gate, KeyScoring, PeerConfig, QueryNorm};

@@ -11,7 +11,7 @@ use burn::tensor::{Device, Distribution, IndexingUpdateOp, Tensor};
 use crate::config::positive;
 use crate::cost::LayerCost;
 use crate::error::ConfigError;
-use crate::topk::top_k_indices;
+use crate::kernels::topk::top_k_indices;
 
 /// How tokens and experts are matched.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]

@@ -6,11 +6,10 @@ use burn::tensor::{Device, Int, Tensor};
 
 use crate::config::{Gate, PeerConfig};
 use crate::cost::{LayerCost, retrieval_cost};
-use crate::custom_op::{self, Vjp};
-use crate::expert_updates;
+use crate::custom_op;
 use crate::error::ConfigError;
 use crate::experts::Experts;
-use crate::host::{self, HostPeer, HostRouting, HostValues};
+use crate::kernels;
 use crate::product_keys::{ProductKeys, ProductKeysConfig};
 use crate::query::{QueryNetwork, QueryNetworkSettings};
 
@@ -31,7 +30,7 @@ pub struct PeerRouting {
 
 impl PeerRouting {
     /// The routing of `batch × seq` tokens from `[tokens, heads, k]` ids and weights.
-    fn new(expert_ids: Tensor<3, Int>, router_weights: Tensor<3>, [batch, seq]: [usize; 2]) -> Self {
+    pub(crate) fn new(expert_ids: Tensor<3, Int>, router_weights: Tensor<3>, [batch, seq]: [usize; 2]) -> Self {
         let [_, heads, k] = expert_ids.dims();
         Self {
             expert_ids: expert_ids.reshape([batch, seq, heads, k]),
@@ -181,13 +180,13 @@ impl Peer {
         let x = x.reshape([tokens, d_model]);
         let queries = self.query.forward(x.clone());
         let row_sparse = !x.is_autodiff() || (self.experts.sparse_gradients && custom_op::supported(&x));
-        let fused = if row_sparse { self.forward_host(x.clone(), queries.clone(), [batch, seq]) } else { None };
+        let fused = if row_sparse { kernels::fused_layer(self, x.clone(), queries.clone(), [batch, seq]) } else { None };
         let (output, routing) = fused.unwrap_or_else(|| {
-            let (expert_ids, router_weights) = self.route_queries(queries.clone());
+            let (expert_ids, router_weights) = self.route_queries(queries.clone()); // top-k, g
             let [_, heads, k] = expert_ids.dims();
             let ids = expert_ids.clone().reshape([tokens, heads * k]);
             let weights = router_weights.clone().reshape([tokens, heads * k]);
-            let output = if row_sparse && x.is_autodiff() {
+            let output = if row_sparse {
                 self.experts.forward_row_sparse(x, ids, weights)
             } else {
                 self.experts.forward(x, ids, weights)
@@ -208,63 +207,6 @@ impl Peer {
         let ids = routing.expert_ids.clone().reshape([batch * seq, heads, k]);
         routing.balance_loss = self.product_keys.balance_loss(queries, ids);
         (output, routing)
-    }
-
-    /// Retrieval, router weights and experts by the fused host kernels of the Flex backend. On
-    /// an autodiff device the result is one node whose backward pass runs the kernels'
-    /// vector-Jacobian products: dL/dx, dL/dq and dL/dK go to autodiff (the graph resumes at the
-    /// scored queries and sub-keys), the tables' row gradients to the row store. `None`
-    /// (nothing done) on other devices or for tensors that are not f32.
-    ///
-    /// # Shapes
-    /// - `x`: `[tokens, d_model]`, `queries`: `[tokens, heads, key_dim]`
-    /// - output: `([batch, seq, d_model], routing [batch, seq, heads, k])`
-    fn forward_host(
-        &self,
-        x: Tensor<2>,
-        queries: Tensor<3>,
-        [batch, seq]: [usize; 2],
-    ) -> Option<(Tensor<3>, PeerRouting)> {
-        if !host::is_flex(&x.device()) {
-            return None;
-        }
-        let [tokens, d_model] = x.dims();
-        let layout = self.product_keys.key_layout(tokens);
-        let (heads, top_k) = (layout.heads, layout.top_k);
-        if queries.dims() != [tokens, heads, layout.key_dim] {
-            return None; // the tensor path's retrieval names the mismatch
-        }
-        let (queries, sub_keys) = self.product_keys.scoring_operands(queries);
-        let (output, routing) = {
-            // The views borrow the tables: they are dropped before anything could update them.
-            let layer = HostPeer::of(&self.experts, &sub_keys, self.gate)?;
-            layer.forward(&HostValues::of(&x)?, &HostValues::of(&queries)?, layout)
-        };
-        let device = x.device();
-        let (expert_ids, router_weights) = routing.tensors(&device);
-        let routing_tensors = PeerRouting::new(
-            expert_ids.reshape([tokens, heads, top_k]),
-            router_weights.reshape([tokens, heads, top_k]),
-            [batch, seq],
-        );
-        let output = host::tensor(output, [tokens, d_model], &device);
-        let sub_key_dims = sub_keys.dims();
-        let backward = HostBackward {
-            experts: self.experts.clone(),
-            gate: self.gate,
-            x: x.clone().inner(),
-            queries: queries.clone().inner(),
-            sub_keys: sub_keys.clone().inner(),
-            routing,
-        };
-        let inputs = [
-            x,
-            queries.reshape([tokens, heads * layout.key_dim]),
-            sub_keys.reshape([sub_key_dims[0] * 2 * sub_key_dims[2], sub_key_dims[3]]),
-            self.experts.down.anchor(),
-        ];
-        let output = custom_op::record(inputs, output, Box::new(backward));
-        Some((output.reshape([batch, seq, d_model]), routing_tensors))
     }
 
     /// The experts each token retrieves and their router weights, without computing them.
@@ -296,37 +238,5 @@ impl Peer {
     /// Number of experts N.
     pub fn num_experts(&self) -> usize {
         self.experts.num_experts()
-    }
-}
-
-/// The backward pass of the fused host layer ([`Peer::forward_with_routing`] on Flex).
-struct HostBackward {
-    experts: Experts,
-    gate: Gate,
-    x: Tensor<2>,
-    queries: Tensor<3>,
-    sub_keys: Tensor<4>,
-    routing: HostRouting,
-}
-
-impl Vjp for HostBackward {
-    fn backward(self: Box<Self>, grad_output: Tensor<2>) -> Vec<Option<Tensor<2>>> {
-        const RECORDED: &str = "recorded from Flex f32 tensors";
-        let grads = HostPeer::of(&self.experts, &self.sub_keys, self.gate).expect(RECORDED).backward(
-            &HostValues::of(&self.x).expect(RECORDED),
-            &HostValues::of(&self.queries).expect(RECORDED),
-            &self.routing,
-            &HostValues::of(&grad_output).expect(RECORDED),
-            &self.x.device(),
-        );
-        expert_updates::deposit(&self.experts, grads.rows);
-        let [tokens, heads, key_dim] = grads.queries.dims();
-        let [sets, halves, root, half] = grads.sub_keys.dims();
-        vec![
-            Some(grads.x),
-            Some(grads.queries.reshape([tokens, heads * key_dim])),
-            Some(grads.sub_keys.reshape([sets * halves * root, half])),
-            None,
-        ]
     }
 }

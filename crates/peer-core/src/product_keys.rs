@@ -3,14 +3,13 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, IndexingUpdateOp, Int, Tensor};
 
 use crate::config::{
     Balance, KeyScoring, exact_sqrt, positive, validate_balance_loss, validate_product_keys, validate_score_scale,
 };
 use crate::error::ConfigError;
-use crate::host::{self, HostValues, KeyLayout};
-use crate::topk::{returns_sorted, top_k_indices};
+use crate::kernels;
 
 /// Configuration of [`ProductKeys`]. Its defaults are the paper's plain retrieval (shared
 /// sub-keys, inner-product scores, no balance loss); [`PeerConfig`](crate::PeerConfig) and
@@ -148,8 +147,8 @@ impl ProductKeys {
     /// - `queries`: `[tokens, heads, key_dim]`
     /// - output: `(scores [tokens, heads, k], expert_ids [tokens, heads, k])`, ids in `0..N`
     pub fn retrieve(&self, queries: Tensor<3>) -> (Tensor<3>, Tensor<3, Int>) {
-        let [tokens, heads, key_dim] = queries.dims();
-        let [_, _, root, half] = self.sub_keys.dims();
+        let [_, heads, key_dim] = queries.dims();
+        let [_, _, _, half] = self.sub_keys.dims();
         assert_eq!(
             (heads, key_dim),
             (self.heads, 2 * half),
@@ -157,58 +156,8 @@ impl ProductKeys {
             self.heads,
             2 * half
         );
-        let k = self.top_k;
         let (queries, keys) = self.scoring_operands(queries);
-        if !queries.is_autodiff()
-            && let Some(found) = self.retrieve_host(&queries, &keys)
-        {
-            return found;
-        }
-
-        // Scores of each query half against its sub-key set: [tokens, heads, √N] twice.
-        let scores_1 = half_scores(queries.clone().narrow(2, 0, half), &keys, 0);
-        let scores_2 = half_scores(queries.narrow(2, half, half), &keys, 1);
-
-        // Top-k per half; the gathered scores carry the gradient.
-        let index_1 = top_k_indices(scores_1.clone(), k);
-        let index_2 = top_k_indices(scores_2.clone(), k);
-        let best_1 = scores_1.gather(2, index_1.clone());
-        let best_2 = scores_2.gather(2, index_2.clone());
-
-        // Candidates: score s₁[i] + s₂[j], expert id i·√N + j. When both halves come sorted
-        // (best first), pair (i, j) is beaten by every (i', j') with i' ≤ i, j' ≤ j, so only
-        // pairs with (i + 1)(j + 1) ≤ k can make the top-k: about k·ln k instead of k².
-        let device = best_1.device();
-        let (left, right): (Vec<i64>, Vec<i64>) = if returns_sorted(&device, k, root) {
-            (0..k as i64)
-                .flat_map(|i| (0..k as i64).filter(move |j| (i + 1) * (j + 1) <= k as i64).map(move |j| (i, j)))
-                .unzip()
-        } else {
-            (0..k as i64).flat_map(|i| (0..k as i64).map(move |j| (i, j))).unzip()
-        };
-        let pairs = left.len();
-        let left = Tensor::<1, Int>::from_data(TensorData::new(left, [pairs]), &device);
-        let right = Tensor::<1, Int>::from_data(TensorData::new(right, [pairs]), &device);
-        let candidate_scores = best_1.select(2, left.clone()) + best_2.select(2, right.clone());
-        let candidate_ids = index_1.select(2, left) * root as i64 + index_2.select(2, right);
-        debug_assert_eq!(candidate_scores.dims(), [tokens, heads, pairs]);
-
-        let best = top_k_indices(candidate_scores.clone(), k);
-        (candidate_scores.gather(2, best.clone()), candidate_ids.gather(2, best))
-    }
-
-    /// [`retrieve`](Self::retrieve) by the fused host kernel on Flex (the same top-k, ties
-    /// included); `None` on other devices.
-    fn retrieve_host(&self, queries: &Tensor<3>, keys: &Tensor<4>) -> Option<(Tensor<3>, Tensor<3, Int>)> {
-        let layout = self.key_layout(queries.dims()[0]);
-        let (queries_host, keys_host) = (HostValues::of(queries)?, HostValues::of(keys)?);
-        Some(host::retrieve(&queries_host, &keys_host, layout, &queries.device()))
-    }
-
-    /// The sizes the host kernels need to retrieve for `tokens` queries.
-    pub(crate) fn key_layout(&self, tokens: usize) -> KeyLayout {
-        let [key_sets, _, root, half] = self.sub_keys.dims();
-        KeyLayout { tokens, heads: self.heads, key_dim: 2 * half, key_sets, root, top_k: self.top_k }
+        kernels::retrieve(self, queries, keys)
     }
 
     /// The balance loss of one retrieval, when it is on (a positive weight) and the queries
@@ -362,7 +311,7 @@ impl ProductKeys {
 /// # Shapes
 /// - `query_half`: `[tokens, heads, d/2]`, `sub_keys`: `[key_sets, 2, √N, d/2]`
 /// - output: `[tokens, heads, √N]`
-fn half_scores(query_half: Tensor<3>, sub_keys: &Tensor<4>, half_index: usize) -> Tensor<3> {
+pub(crate) fn half_scores(query_half: Tensor<3>, sub_keys: &Tensor<4>, half_index: usize) -> Tensor<3> {
     let [tokens, heads, half] = query_half.dims();
     let [key_sets, _, root, _] = sub_keys.dims();
     let keys = sub_keys.clone().narrow(1, half_index, 1).reshape([key_sets, root, half]);

@@ -18,13 +18,11 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::Tensor;
 
 use crate::experts::{Experts, RowGradients};
+use crate::kernels;
 use crate::table::ExpertTable;
-
-/// Rows updated per group (bounds the optimizer's temporaries to a few `[65,536, d_model]`).
-const UPDATE_ROWS: usize = 1 << 16;
 
 /// Hyper-parameters of the lazy AdamW (defaults as Burn's `AdamWConfig`, no weight decay).
 ///
@@ -112,43 +110,8 @@ impl SparseAdamWConfig {
     /// One lazy AdamW step of both tables of `experts` with learning rate `lr`.
     pub fn step(&self, lr: f64, experts: &Experts, state: SparseAdamWState, rows: &RowGradients) -> SparseAdamWState {
         let step = state.steps() as i32 + 1;
-        self.update_table(lr, step, &experts.down, &state.down, &rows.ids, rows.down.clone());
-        self.update_table(lr, step, &experts.up, &state.up, &rows.ids, rows.up.clone());
+        kernels::adamw_rows(self, lr, step, &experts.down, &state.down, &rows.ids, rows.down.clone());
+        kernels::adamw_rows(self, lr, step, &experts.up, &state.up, &rows.ids, rows.up.clone());
         SparseAdamWState { step: state.step.map(|s| s.add_scalar(1.0)), ..state }
-    }
-
-    fn update_table(
-        &self,
-        lr: f64,
-        step: i32,
-        table: &ExpertTable,
-        moments: &RowMoments,
-        ids: &Tensor<1, Int>,
-        grad: Tensor<2>,
-    ) {
-        let grad = match self.grad_clip_norm {
-            Some(threshold) => {
-                let norm = grad.clone().square().sum().sqrt();
-                let coefficient = (norm.add_scalar(f32::MIN_POSITIVE).recip() * threshold).clamp_max(1.0);
-                grad * coefficient.unsqueeze()
-            }
-            None => grad,
-        };
-        // Rows in groups of UPDATE_ROWS, so the temporaries (old and new rows of θ, m, v) stay
-        // bounded whatever number of rows a step touched.
-        let [rows] = ids.dims();
-        for start in (0..rows).step_by(UPDATE_ROWS) {
-            let len = UPDATE_ROWS.min(rows - start);
-            let ids = ids.clone().narrow(0, start, len);
-            let grad = grad.clone().narrow(0, start, len);
-            let moment_1 = moments.moment_1.update_rows(&ids, |m| m * self.beta_1 + grad.clone() * (1.0 - self.beta_1));
-            let moment_2 =
-                moments.moment_2.update_rows(&ids, |v| v * self.beta_2 + grad.square() * (1.0 - self.beta_2));
-            let corrected_1 = moment_1 / (1.0 - self.beta_1.powi(step));
-            let corrected_2 = moment_2 / (1.0 - self.beta_2.powi(step));
-            let delta = corrected_1 / (corrected_2.sqrt() + self.epsilon);
-            let decay = 1.0 - lr * self.weight_decay as f64;
-            table.update_rows(&ids, |theta| theta * decay - delta * lr);
-        }
     }
 }

@@ -24,7 +24,7 @@ use burn::module::{
 };
 use burn::tensor::{Device, Gradients, IndexingUpdateOp, Int, Tensor};
 
-use crate::topk::is_cpu_backend;
+use crate::kernels::topk::is_cpu_backend;
 
 /// Largest buffer this crate makes on GPU backends (wgpu caps one storage binding at 128 MiB):
 /// a table's row block, or a block of gathered expert rows.

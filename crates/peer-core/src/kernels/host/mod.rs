@@ -22,7 +22,11 @@ use burn::backend::flex::FlexTensor;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{Activation, Gate};
+use crate::custom_op::{self, Vjp};
+use crate::expert_updates;
 use crate::experts::{ExpertGradients, Experts, RowGradients};
+use crate::peer::{Peer, PeerRouting};
+use crate::product_keys::ProductKeys;
 use crate::table::ExpertTable;
 use experts::{Slots, SlotsByExpert, Table};
 pub(crate) use retrieval::KeyLayout;
@@ -334,14 +338,104 @@ pub(crate) fn experts_backward(
     Some(ExpertGradients { x: grad_x, router_weights: grad_g, rows })
 }
 
-/// Host retrieval for [`ProductKeys::retrieve`](crate::ProductKeys::retrieve) on plain Flex.
+/// Host retrieval for [`ProductKeys::retrieve`](crate::ProductKeys::retrieve) on plain Flex;
+/// `None` for tensors that are not f32.
 pub(crate) fn retrieve(
-    queries: &HostValues,
-    sub_keys: &HostValues,
-    layout: KeyLayout,
-    device: &Device,
-) -> (Tensor<3>, Tensor<3, Int>) {
-    let found = retrieval::retrieve(queries.values(), sub_keys.values(), layout);
+    product_keys: &ProductKeys,
+    queries: &Tensor<3>,
+    sub_keys: &Tensor<4>,
+) -> Option<(Tensor<3>, Tensor<3, Int>)> {
+    let layout = KeyLayout::of(product_keys, queries.dims()[0]);
+    let (queries_host, keys_host) = (HostValues::of(queries)?, HostValues::of(sub_keys)?);
+    let found = retrieval::retrieve(queries_host.values(), keys_host.values(), layout);
     let shape = [layout.tokens, layout.heads, layout.top_k];
-    (tensor(found.scores, shape, device), int_tensor(&found.expert_ids, shape, device))
+    let device = queries.device();
+    Some((tensor(found.scores, shape, &device), int_tensor(&found.expert_ids, shape, &device)))
+}
+
+/// The whole PEER layer by the fused kernels: retrieval, router weights and experts. On an
+/// autodiff device the result is one node whose backward pass runs the kernels'
+/// vector-Jacobian products: dL/dx, dL/dq and dL/dK go to autodiff (the graph resumes at the
+/// scored queries and sub-keys), the tables' row gradients to the row store. `None` for
+/// tensors that are not f32, or queries of the wrong shape (the tensor path's retrieval names
+/// the mismatch).
+///
+/// # Shapes
+/// - `x`: `[tokens, d_model]`, `queries`: `[tokens, heads, key_dim]`
+/// - output: `([batch, seq, d_model], routing [batch, seq, heads, k])`
+pub(crate) fn fused_layer(
+    peer: &Peer,
+    x: Tensor<2>,
+    queries: Tensor<3>,
+    [batch, seq]: [usize; 2],
+) -> Option<(Tensor<3>, PeerRouting)> {
+    let [tokens, d_model] = x.dims();
+    let layout = KeyLayout::of(&peer.product_keys, tokens);
+    let (heads, top_k) = (layout.heads, layout.top_k);
+    if queries.dims() != [tokens, heads, layout.key_dim] {
+        return None;
+    }
+    let (queries, sub_keys) = peer.product_keys.scoring_operands(queries);
+    let (output, routing) = {
+        // The views borrow the tables: they are dropped before anything could update them.
+        let layer = HostPeer::of(&peer.experts, &sub_keys, peer.gate)?;
+        layer.forward(&HostValues::of(&x)?, &HostValues::of(&queries)?, layout)
+    };
+    let device = x.device();
+    let (expert_ids, router_weights) = routing.tensors(&device);
+    let routing_tensors = PeerRouting::new(
+        expert_ids.reshape([tokens, heads, top_k]),
+        router_weights.reshape([tokens, heads, top_k]),
+        [batch, seq],
+    );
+    let output = tensor(output, [tokens, d_model], &device);
+    let [key_sets, halves, root, half] = sub_keys.dims();
+    let backward = LayerBackward {
+        experts: peer.experts.clone(),
+        gate: peer.gate,
+        x: x.clone().inner(),
+        queries: queries.clone().inner(),
+        sub_keys: sub_keys.clone().inner(),
+        routing,
+    };
+    let inputs = [
+        x,
+        queries.reshape([tokens, heads * layout.key_dim]),
+        sub_keys.reshape([key_sets * halves * root, half]),
+        peer.experts.down.anchor(),
+    ];
+    let output = custom_op::record(inputs, output, Box::new(backward));
+    Some((output.reshape([batch, seq, d_model]), routing_tensors))
+}
+
+/// The backward pass of [`fused_layer`].
+struct LayerBackward {
+    experts: Experts,
+    gate: Gate,
+    x: Tensor<2>,
+    queries: Tensor<3>,
+    sub_keys: Tensor<4>,
+    routing: HostRouting,
+}
+
+impl Vjp for LayerBackward {
+    fn backward(self: Box<Self>, grad_output: Tensor<2>) -> Vec<Option<Tensor<2>>> {
+        const RECORDED: &str = "recorded from Flex f32 tensors";
+        let grads = HostPeer::of(&self.experts, &self.sub_keys, self.gate).expect(RECORDED).backward(
+            &HostValues::of(&self.x).expect(RECORDED),
+            &HostValues::of(&self.queries).expect(RECORDED),
+            &self.routing,
+            &HostValues::of(&grad_output).expect(RECORDED),
+            &self.x.device(),
+        );
+        expert_updates::deposit(&self.experts, grads.rows);
+        let [tokens, heads, key_dim] = grads.queries.dims();
+        let [key_sets, halves, root, half] = grads.sub_keys.dims();
+        vec![
+            Some(grads.x),
+            Some(grads.queries.reshape([tokens, heads * key_dim])),
+            Some(grads.sub_keys.reshape([key_sets * halves * root, half])),
+            None,
+        ]
+    }
 }

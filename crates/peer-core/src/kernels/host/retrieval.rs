@@ -25,6 +25,12 @@ pub(crate) struct KeyLayout {
 }
 
 impl KeyLayout {
+    /// The layout of `product_keys` for `tokens` queries.
+    pub(crate) fn of(product_keys: &crate::ProductKeys, tokens: usize) -> Self {
+        let [key_sets, _, root, half] = product_keys.sub_keys.dims();
+        Self { tokens, heads: product_keys.heads, key_dim: 2 * half, key_sets, root, top_k: product_keys.top_k }
+    }
+
     fn half(&self) -> usize {
         self.key_dim / 2
     }

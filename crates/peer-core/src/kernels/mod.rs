@@ -1,0 +1,145 @@
+//! The seam between the layer's math and the devices that compute it.
+//!
+//! [`Peer`], [`ProductKeys`](crate::ProductKeys), [`Experts`] and the lazy AdamW state each
+//! heavy operation once and call it here; this module alone decides, from the tensors' device
+//! and dtype, which implementation family runs it. Each family is one module:
+//!
+//! - [`host`]: fused CPU kernels on Flex f32 tensors, read in place through Burn's `extension`
+//!   feature;
+//! - [`tensor_ops`]: Burn tensor ops, on any device: the fallback of every operation and the
+//!   reference the other families are tested against;
+//! - GPU kernels (CubeCL, for wgpu) are the next family: one more module and one more arm in
+//!   [`family`].
+//!
+//! | operation | host (Flex) | tensor ops |
+//! |---|---|---|
+//! | whole layer: retrieval, router weights and experts as one autodiff node ([`fused_layer`]) | yes | no (`Peer` composes the parts) |
+//! | retrieval without autodiff ([`retrieve`]): sub-key scores, top-k per half, candidates, top-k | yes | yes |
+//! | experts without autodiff, forward ([`experts_forward`]) and backward with row gradients ([`experts_backward`]) | yes | yes |
+//! | experts with dense table gradients ([`experts_forward_tracked`]) | no | yes |
+//! | distinct rows of a step ([`touched_rows`]), the lazy AdamW row update ([`adamw_rows`]) | no | yes |
+//!
+//! Where a family cannot take the tensors it is given (not f32, say), the call falls back to
+//! tensor ops.
+
+pub(crate) mod host;
+pub(crate) mod tensor_ops;
+pub(crate) mod topk;
+
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::experts::{ExpertGradients, Experts, TouchedRows};
+use crate::peer::{Peer, PeerRouting};
+use crate::product_keys::ProductKeys;
+use crate::sparse_adamw::{RowMoments, SparseAdamWConfig};
+use crate::table::ExpertTable;
+
+/// The implementation families.
+enum Family {
+    /// Fused host kernels on Flex.
+    FlexHost,
+    /// Burn tensor ops.
+    TensorOps,
+}
+
+/// The one place that maps a device to an implementation family.
+fn family(device: &Device) -> Family {
+    if host::is_flex(device) { Family::FlexHost } else { Family::TensorOps }
+}
+
+/// The whole layer for tokens `x` (`[tokens, d_model]`) with queries `[tokens, heads,
+/// key_dim]`: output `[batch, seq, d_model]` and routing. On an autodiff device one node whose
+/// backward pass gives dL/dx, dL/dq and dL/dK to autodiff and the tables' row gradients to the
+/// row store. `None` where no family fuses the layer: the caller composes [`retrieve`] (or
+/// its differentiable form), the router weights and the experts.
+pub(crate) fn fused_layer(
+    peer: &Peer,
+    x: Tensor<2>,
+    queries: Tensor<3>,
+    batch_seq: [usize; 2],
+) -> Option<(Tensor<3>, PeerRouting)> {
+    match family(&x.device()) {
+        Family::FlexHost => host::fused_layer(peer, x, queries, batch_seq),
+        Family::TensorOps => None,
+    }
+}
+
+/// Exact product-key top-k of `queries` (`[tokens, heads, key_dim]`, as scored) against
+/// `sub_keys` (`[key_sets, 2, √N, key_dim / 2]`, as scored): scores and expert ids, `[tokens,
+/// heads, k]`. Differentiable in the scores on an autodiff device (through tensor ops).
+pub(crate) fn retrieve(
+    product_keys: &ProductKeys,
+    queries: Tensor<3>,
+    sub_keys: Tensor<4>,
+) -> (Tensor<3>, Tensor<3, Int>) {
+    if let (Family::FlexHost, false) = (family(&queries.device()), queries.is_autodiff())
+        && let Some(found) = host::retrieve(product_keys, &queries, &sub_keys)
+    {
+        return found;
+    }
+    tensor_ops::retrieve(queries, sub_keys, product_keys.top_k)
+}
+
+/// Eq. 5 without autodiff (inputs may be tracked; the output is not).
+pub(crate) fn experts_forward(
+    experts: &Experts,
+    x: Tensor<2>,
+    expert_ids: Tensor<2, Int>,
+    router_weights: Tensor<2>,
+) -> Tensor<2> {
+    let (x, expert_ids, router_weights) = (x.inner(), expert_ids.inner(), router_weights.inner());
+    if let Family::FlexHost = family(&x.device())
+        && let Some(output) = host::experts_forward(experts, &x, &expert_ids, &router_weights)
+    {
+        return output;
+    }
+    tensor_ops::experts_forward(experts, x, expert_ids, router_weights)
+}
+
+/// The vector-Jacobian product of [`experts_forward`]: dL/dx, dL/dg and the row gradients.
+pub(crate) fn experts_backward(
+    experts: &Experts,
+    x: Tensor<2>,
+    expert_ids: Tensor<2, Int>,
+    router_weights: Tensor<2>,
+    grad_output: Tensor<2>,
+) -> ExpertGradients {
+    let (x, expert_ids) = (x.inner(), expert_ids.inner());
+    let (router_weights, grad_output) = (router_weights.inner(), grad_output.inner());
+    if let Family::FlexHost = family(&x.device())
+        && let Some(grads) = host::experts_backward(experts, &x, &expert_ids, &router_weights, &grad_output)
+    {
+        return grads;
+    }
+    tensor_ops::experts_backward(experts, x, expert_ids, router_weights, grad_output)
+}
+
+/// Eq. 5 differentiable everywhere, tables included (dense table gradients).
+pub(crate) fn experts_forward_tracked(
+    experts: &Experts,
+    x: Tensor<2>,
+    expert_ids: Tensor<2, Int>,
+    router_weights: Tensor<2>,
+) -> Tensor<2> {
+    tensor_ops::experts_forward_tracked(experts, x, expert_ids, router_weights)
+}
+
+/// The distinct ids among `expert_ids` (all in `0..num_experts`) and each slot's position
+/// among them.
+pub(crate) fn touched_rows(expert_ids: Tensor<1, Int>, num_experts: usize) -> TouchedRows {
+    tensor_ops::touched_rows(expert_ids, num_experts)
+}
+
+/// One lazy AdamW step (step count `step`, learning rate `lr`) of rows `ids` (distinct) of
+/// `table` with gradients `grad` (`[ids, width]`), in place, moments included.
+pub(crate) fn adamw_rows(
+    config: &SparseAdamWConfig,
+    lr: f64,
+    step: i32,
+    table: &ExpertTable,
+    moments: &RowMoments,
+    ids: &Tensor<1, Int>,
+    grad: Tensor<2>,
+) {
+    tensor_ops::adamw_rows(config, lr, step, table, moments, ids, grad)
+}
