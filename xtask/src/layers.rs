@@ -346,7 +346,7 @@ pub fn pytorch(args: &LayerArgs, python: &str) {
     }
     report.write(serde_json::json!({
         "pytorch": "PEER(non_competing_scores=False, dim_key=key_dim/2), torch threads = available cores; BatchNorm is ours only (PEER-pytorch has no query norm)",
-        "ratio": "PyTorch time / ours with row-sparse table gradients (ExpertTape), the way peer-train trains; the dense-table row is autodiff's dense [N, d_model] gradients"
+        "ratio": "PyTorch time / ours with row-sparse table gradients (the layer's own backward pass), the way peer-train trains; the dense-table row is autodiff's dense [N, d_model] gradients"
     }));
     let title = format!("PEER layer forward + backward, {} tokens, CPU (median)", args.tokens);
     draw_charts("pytorch", &[Chart::bars("pytorch.png", &title, "milliseconds", bars)]);

@@ -8,8 +8,10 @@
 //!   one (each row read once per step, nothing `[slots, d_model]` wide materialized); on other
 //!   devices with tensor ops in token blocks of bounded size, re-gathering the rows in backward
 //!   instead of keeping them. The table gradients come back as [`RowGradients`]: one row per
-//!   expert the step retrieved. [`ExpertTape`](crate::ExpertTape) wires them into autodiff and
-//!   [`SparseAdamWConfig`](crate::SparseAdamWConfig) applies them.
+//!   expert the step retrieved. [`Experts::forward_row_sparse`] records the pair as one
+//!   autodiff node, whose backward pass leaves the row gradients in the row store
+//!   ([`crate::expert_updates`]), and [`SparseAdamWConfig`](crate::SparseAdamWConfig) applies
+//!   them.
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor};

@@ -48,12 +48,12 @@ fn loss(x: Tensor<3>, y: Tensor<3>, weights: &Tensor<3>) -> Tensor<1> {
 /// Every gradient of the row-sparse backward pass equals autodiff's on the same computation
 /// (on Flex it runs the host kernels, on wgpu tensor ops).
 #[test]
-fn taped_gradients_equal_autodiff() {
+fn row_sparse_gradients_equal_autodiff() {
     for (name, base) in devices() {
         let device = base.autodiff();
         let mut rng = Rng::new(7);
         let peer = layer(&device, &mut rng);
-        assert_taped_equals_autodiff(name, &peer, &device, [3, 5, D_MODEL], &mut rng);
+        assert_row_sparse_equals_autodiff(name, &peer, &device, [3, 5, D_MODEL], &mut rng);
     }
 }
 
@@ -87,7 +87,7 @@ fn host_kernels_equal_autodiff_at_larger_sizes() {
         randomize_weights(&mut peer, &mut rng);
         let name =
             format!("{activation:?}, {gate:?}, shared keys {shared}, {norm:?}, blocks {block_bytes:?}, {scoring:?}");
-        assert_taped_equals_autodiff(&name, &peer, &device, [3, 70, 16], &mut rng);
+        assert_row_sparse_equals_autodiff(&name, &peer, &device, [3, 70, 16], &mut rng);
     }
 }
 
@@ -102,7 +102,7 @@ fn dense_twin(peer: &Peer) -> Peer {
 /// Output and every gradient of the row-sparse path equal autodiff's on the same computation:
 /// input, query network, sub-keys, norm, and the dense table gradients on the retrieved rows
 /// (zero elsewhere).
-fn assert_taped_equals_autodiff(name: &str, peer: &Peer, device: &Device, shape: [usize; 3], rng: &mut Rng) {
+fn assert_row_sparse_equals_autodiff(name: &str, peer: &Peer, device: &Device, shape: [usize; 3], rng: &mut Rng) {
     let [batch, seq, d_model] = shape;
     let values = rng.normals(batch * seq * d_model, 1.0);
     let weights = tensor(rng.normals(batch * seq * d_model, 1.0), shape, device);
@@ -112,10 +112,10 @@ fn assert_taped_equals_autodiff(name: &str, peer: &Peer, device: &Device, shape:
     let y_dense_values = host(&y_dense);
     let dense = loss(x_dense.clone(), y_dense, &weights).backward();
 
-    let x_taped = tensor(values, shape, device).require_grad();
-    let (y, routing) = peer.forward_with_routing(x_taped.clone());
-    let y_taped_values = host(&y);
-    let taped = loss(x_taped.clone(), y, &weights).backward();
+    let x_sparse = tensor(values, shape, device).require_grad();
+    let (y, routing) = peer.forward_with_routing(x_sparse.clone());
+    let y_sparse_values = host(&y);
+    let sparse_grads = loss(x_sparse.clone(), y, &weights).backward();
     let table_rows = take_row_gradients(&peer.experts).expect("the backward pass left row gradients");
     assert!(take_row_gradients(&peer.experts).is_none(), "{name}: taking the rows empties the store");
 
@@ -123,29 +123,29 @@ fn assert_taped_equals_autodiff(name: &str, peer: &Peer, device: &Device, shape:
         let err = relative_error(&a, &b);
         assert!(err < 1e-5, "{name}: {what}: relative error {err}");
     };
-    close("output", y_taped_values, y_dense_values);
-    close("dL/dx", host(&x_taped.grad(&taped).unwrap()), host(&x_dense.grad(&dense).unwrap()));
+    close("output", y_sparse_values, y_dense_values);
+    close("dL/dx", host(&x_sparse.grad(&sparse_grads).unwrap()), host(&x_dense.grad(&dense).unwrap()));
     close(
         "query weight",
-        host(&peer.query.linear.weight.grad(&taped).unwrap()),
+        host(&peer.query.linear.weight.grad(&sparse_grads).unwrap()),
         host(&peer.query.linear.weight.grad(&dense).unwrap()),
     );
     close(
         "sub-keys",
-        host(&peer.product_keys.sub_keys.grad(&taped).unwrap()),
+        host(&peer.product_keys.sub_keys.grad(&sparse_grads).unwrap()),
         host(&peer.product_keys.sub_keys.grad(&dense).unwrap()),
     );
     if let Some(scale) = peer.product_keys.score_scale.as_ref() {
-        close("score scale", host(&scale.grad(&taped).unwrap()), host(&scale.grad(&dense).unwrap()));
+        close("score scale", host(&scale.grad(&sparse_grads).unwrap()), host(&scale.grad(&dense).unwrap()));
     }
     if let Some(bn) = peer.query.batch_norm.as_ref() {
-        close("BatchNorm γ", host(&bn.gamma.grad(&taped).unwrap()), host(&bn.gamma.grad(&dense).unwrap()));
+        close("BatchNorm γ", host(&bn.gamma.grad(&sparse_grads).unwrap()), host(&bn.gamma.grad(&dense).unwrap()));
     }
     if let Some(ln) = peer.query.layer_norm.as_ref() {
-        close("LayerNorm γ", host(&ln.gamma.grad(&taped).unwrap()), host(&ln.gamma.grad(&dense).unwrap()));
+        close("LayerNorm γ", host(&ln.gamma.grad(&sparse_grads).unwrap()), host(&ln.gamma.grad(&dense).unwrap()));
     }
-    assert!(peer.experts.down.grad(&taped).is_none(), "{name}: row-sparse tables must get no dense gradient");
-    assert!(peer.experts.up.grad(&taped).is_none(), "{name}: row-sparse tables must get no dense gradient");
+    assert!(peer.experts.down.grad(&sparse_grads).is_none(), "{name}: row-sparse tables must get no dense gradient");
+    assert!(peer.experts.up.grad(&sparse_grads).is_none(), "{name}: row-sparse tables must get no dense gradient");
 
     let ids = host_int(&table_rows.ids);
     let retrieved: std::collections::BTreeSet<i64> = host_int(&routing.expert_ids).into_iter().collect();
@@ -212,7 +212,7 @@ fn sparse_step_equals_dense_adamw_on_touched_rows() {
         assert_eq!(state.steps(), 1);
 
         // Dense: the same gradients, scattered into full [N, d_model] tables (zero on the
-        // untouched rows, as autodiff's; `taped_gradients_equal_autodiff` checks that they
+        // untouched rows, as autodiff's; `row_sparse_gradients_equal_autodiff` checks that they
         // are autodiff's), through Burn's AdamW. Feeding both optimizers one gradient keeps
         // this a test of the update rule: the first AdamW step divides by |g| + ε, which
         // turns float-rounding differences of tiny gradients into visible ones.
@@ -356,4 +356,62 @@ fn blocked_tables_train_like_one_table() {
             assert!(err < 1e-6, "{name}: {what}: relative error {err}");
         }
     }
+}
+
+/// Two backward passes before one update (gradient accumulation) leave the sum of their row
+/// gradients, each row once; `apply_expert_updates` finds the pool by walking the module
+/// (row blocks included), takes the rows and updates them; `discard_row_gradients` empties
+/// the store.
+#[test]
+fn row_gradients_accumulate_and_the_walk_applies_them() {
+    use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
+    use peer_core::{apply_expert_updates, discard_row_gradients, expert_pools};
+    use std::collections::BTreeMap;
+
+    let device = Device::flex().autodiff();
+    let mut rng = Rng::new(31);
+    let peer = layer_in_blocks(&device, &mut rng, Some(7 * D_MODEL * 4));
+    let inputs: Vec<Tensor<3>> =
+        (0..2).map(|_| tensor(rng.normals(12 * D_MODEL, 1.0), [2, 6, D_MODEL], &device)).collect();
+    let by_row = |rows: &RowGradients| -> BTreeMap<i64, Vec<f64>> {
+        let ids = host_int(&rows.ids);
+        let down = host(&rows.down);
+        ids.into_iter().zip(down.chunks(D_MODEL).map(|r| r.to_vec())).collect()
+    };
+    // Each pass alone.
+    let mut expected: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    for x in &inputs {
+        let _ = peer.forward(x.clone()).powi_scalar(2).sum().backward();
+        for (id, row) in by_row(&take_row_gradients(&peer.experts).expect("rows")) {
+            let sum = expected.entry(id).or_insert_with(|| vec![0.0; D_MODEL]);
+            sum.iter_mut().zip(&row).for_each(|(s, r)| *s += r);
+        }
+    }
+    // Both passes, then one take.
+    for x in &inputs {
+        let _ = peer.forward(x.clone()).powi_scalar(2).sum().backward();
+    }
+    let accumulated = by_row(&take_row_gradients(&peer.experts).expect("rows"));
+    assert_eq!(accumulated.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+    for (id, row) in &accumulated {
+        let err = relative_error(row, &expected[id]);
+        assert!(err < 1e-6, "row {id}: relative error {err}");
+    }
+
+    let pools = expert_pools(&peer);
+    assert_eq!(pools.len(), 1);
+    assert_eq!((pools[0].dims, pools[0].rows_per_block, pools[0].down), ([64, D_MODEL], 7, peer.experts.down.id()));
+    let optimizer = SparseAdamWConfig::new();
+    let mut states = Vec::new();
+    let lr = ModuleLearningRate::from(1e-2);
+    assert_eq!(apply_expert_updates(&peer, &optimizer, &lr, &mut states), 0, "nothing waiting");
+    assert_eq!(states.len(), 1, "states made on first use");
+    let before = host(&peer.experts.down.val());
+    let _ = peer.forward(inputs[0].clone()).sum().backward();
+    assert_eq!(apply_expert_updates(&peer, &optimizer, &lr, &mut states), 1);
+    assert_eq!(states[0].steps(), 1);
+    assert_ne!(before, host(&peer.experts.down.val()));
+    let _ = peer.forward(inputs[1].clone()).sum().backward();
+    discard_row_gradients(&peer);
+    assert!(take_row_gradients(&peer.experts).is_none());
 }
