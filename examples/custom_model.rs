@@ -26,8 +26,8 @@ use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
 use burn::train::metric::LossMetric;
 use burn::train::{InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep};
-use peer_core::{ExpertUsage, Peer, PeerConfig, PeerRouting, QueryNorm, SparseAdamWConfig, SparseAdamWState};
 use peer_core::apply_expert_updates;
+use peer_core::{ExpertUsage, Peer, PeerConfig, PeerRouting, QueryNorm, SparseAdamWConfig, SparseAdamWState};
 
 /// Input features per example.
 pub const FEATURES: usize = 4;

@@ -129,7 +129,8 @@ fn row_gradients_equal_dense_autodiff() {
         let _ = TrainStep::step(&model, batch).grads;
         for (block, peer) in model.network.blocks.iter().enumerate() {
             let rows = take_row_gradients(&peer.experts).expect("the backward pass left row gradients");
-            let row_ids: Vec<usize> = rows.ids.clone().into_data().convert::<i64>().iter::<i64>().map(|i| i as usize).collect();
+            let row_ids: Vec<usize> =
+                rows.ids.clone().into_data().convert::<i64>().iter::<i64>().map(|i| i as usize).collect();
             for (table, sparse) in [(&peer.experts.down, rows.down), (&peer.experts.up, rows.up)] {
                 let full = host(dense_grads.get::<2>(table.id()).expect("a dense table gradient"));
                 let sparse = host(sparse);

@@ -8,7 +8,9 @@ use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::tensor::{Device, Distribution, Tensor};
 use burn::train::TrainStep;
 use clap::Args;
-use peer::core::{DenseFfwConfig, MoeConfig, MoeRouting, PeerConfig, PkmConfig, QueryNorm, RoutingReport, take_row_gradients};
+use peer::core::{
+    DenseFfwConfig, MoeConfig, MoeRouting, PeerConfig, PkmConfig, QueryNorm, RoutingReport, take_row_gradients,
+};
 use peer::model::{FeedForwardConfig, Transformer, TransformerConfig};
 use peer::train::corpus::{Corpus, bundled_corpus};
 use peer::train::data::LmBatch;

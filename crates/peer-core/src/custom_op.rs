@@ -75,11 +75,11 @@ where
     let primitives = inputs.map(|t| t.try_into_primitive::<Autodiff<B>>().expect("all inputs on one device"));
     let output = output.try_into_primitive::<B>().expect("output on the inputs' device");
     let state = VjpState(Arc::new(Mutex::new(Some(vjp))));
-    let recorded = match Node.prepare::<NoCheckpointing>(primitives.each_ref().map(|p| p.node())).compute_bound().stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(state, output),
-        OpsKind::UnTracked(prep) => prep.finish(output),
-    };
+    let recorded =
+        match Node.prepare::<NoCheckpointing>(primitives.each_ref().map(|p| p.node())).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(state, output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
     Ok(Tensor::from_primitive::<Autodiff<B>>(recorded))
 }
 

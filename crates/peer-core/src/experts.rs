@@ -132,12 +132,7 @@ impl Experts {
     /// # Shapes
     /// - `x`: `[tokens, d_model]`, `expert_ids`, `router_weights`: `[tokens, m]`
     /// - output: `[tokens, d_model]`
-    pub fn forward_row_sparse(
-        &self,
-        x: Tensor<2>,
-        expert_ids: Tensor<2, Int>,
-        router_weights: Tensor<2>,
-    ) -> Tensor<2> {
+    pub fn forward_row_sparse(&self, x: Tensor<2>, expert_ids: Tensor<2, Int>, router_weights: Tensor<2>) -> Tensor<2> {
         let output = self.forward_detached(x.clone(), expert_ids.clone(), router_weights.clone());
         let backward = ExpertsBackward {
             experts: self.clone(),

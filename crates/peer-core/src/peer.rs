@@ -180,7 +180,8 @@ impl Peer {
         let x = x.reshape([tokens, d_model]);
         let queries = self.query.forward(x.clone());
         let row_sparse = !x.is_autodiff() || (self.experts.sparse_gradients && custom_op::supported(&x));
-        let fused = if row_sparse { kernels::fused_layer(self, x.clone(), queries.clone(), [batch, seq]) } else { None };
+        let fused =
+            if row_sparse { kernels::fused_layer(self, x.clone(), queries.clone(), [batch, seq]) } else { None };
         let (output, routing) = fused.unwrap_or_else(|| {
             let (expert_ids, router_weights) = self.route_queries(queries.clone()); // top-k, g
             let [_, heads, k] = expert_ids.dims();
