@@ -51,7 +51,7 @@ pub(crate) fn record<const N: usize>(inputs: [Tensor<2>; N], output: Tensor<2>, 
 }
 
 /// Whether [`record`] can register a node for inputs like `tensor` (on the same device).
-pub(crate) fn supported(tensor: &Tensor<2>) -> bool {
+pub(crate) fn supported<const D: usize>(tensor: &Tensor<D>) -> bool {
     !tensor.is_autodiff()
         || tensor.clone().try_into_primitive::<Autodiff<Flex>>().is_ok()
         || tensor.clone().try_into_primitive::<Autodiff<NdArray>>().is_ok()

@@ -194,10 +194,10 @@ impl ProductKeys {
         let expert_ids = expert_ids.to_device(&device);
         let rows = tokens * heads / key_sets;
 
-        // Each half's softmax over its sub-keys, one [rows, √N] matrix per key set.
-        let [p1, p2] = [0, 1].map(|h| {
-            let p = softmax(half_scores(queries.clone().narrow(2, h * half, half), &keys, h), 2);
-            if key_sets == 1 { p.reshape([1, rows, root]) } else { p.swap_dims(0, 1) }
+        // Each half's scores against its sub-keys, one [rows, √N] matrix per key set.
+        let [s1, s2] = [0, 1].map(|h| {
+            let s = half_scores(queries.clone().narrow(2, h * half, half), &keys, h);
+            if key_sets == 1 { s.reshape([1, rows, root]) } else { s.swap_dims(0, 1) }
         });
         // The key set of every selection.
         let set = if key_sets == 1 {
@@ -218,6 +218,7 @@ impl ProductKeys {
         let per_set = (rows * k) as f64;
         let loss = match self.balance {
             Balance::SubKeys => {
+                let (p1, p2) = (softmax(s1, 2), softmax(s2, 2)); // each half's softmax over its sub-keys
                 let soft = Tensor::cat(vec![p1.mean_dim(1), p2.mean_dim(1)], 1); // [key_sets, 2, √N]
                 let offset = set * (2 * root) as i64;
                 let first = offset.clone() + expert_ids.clone().div_scalar(root as i64);
@@ -227,14 +228,10 @@ impl ProductKeys {
                 (share.detach() * soft).sum().mul_scalar(root as f64 / (2 * key_sets) as f64)
             }
             Balance::Experts => {
-                // Σ_e f_e·P_e = (1/rows) Σ_r p₁(r)ᵀ F p₂(r) with F the [√N, √N] selection shares:
-                // one batched matmul forward and one backward (F is a constant), never the
-                // [rows, N] probabilities themselves.
+                // Σ_e f_e·P_e = (1/rows) Σ_r p₁(r)ᵀ F p₂(r) with F the [√N, √N] selection shares,
+                // summed over F's nonzero entries where a device family can (see kernels).
                 let picks = (set * (root * root) as i64 + expert_ids).reshape([slots]);
-                let share = count(picks, key_sets * root * root).reshape([key_sets, root, root]).div_scalar(per_set);
-                (p1 * p2.matmul(share.detach().swap_dims(1, 2)))
-                    .sum()
-                    .mul_scalar((root * root) as f64 / (rows * key_sets) as f64)
+                kernels::expert_balance(s1, s2, picks, per_set).mul_scalar((root * root) as f64 / (rows * key_sets) as f64)
             }
         };
         Some(loss.mul_scalar(self.balance_weight))

@@ -17,6 +17,7 @@
 //! | retrieval without autodiff ([`retrieve`]): sub-key scores, top-k per half, candidates, top-k | yes | yes |
 //! | experts without autodiff, forward ([`experts_forward`]) and backward with row gradients ([`experts_backward`]) | yes | yes |
 //! | experts with dense table gradients ([`experts_forward_tracked`]) | no | yes |
+//! | the expert balance sum over the selected experts ([`expert_balance`]) | yes, `O(rows · selected)` | yes, `O(rows · N)` |
 //! | distinct rows of a step ([`touched_rows`]), the lazy AdamW row update ([`adamw_rows`]) | no | yes |
 //!
 //! Where a family cannot take the tensors it is given (not f32, say), the call falls back to
@@ -28,6 +29,7 @@ pub(crate) mod topk;
 
 use burn::tensor::{Device, Int, Tensor};
 
+use crate::custom_op;
 use crate::experts::{ExpertGradients, Experts, TouchedRows};
 use crate::peer::{Peer, PeerRouting};
 use crate::product_keys::ProductKeys;
@@ -78,6 +80,19 @@ pub(crate) fn retrieve(
         return found;
     }
     tensor_ops::retrieve(queries, sub_keys, product_keys.top_k)
+}
+
+/// The expert balance sum `Σ_s Σ_r p₁(s, r)ᵀ F_s p₂(s, r)`: `p₁`, `p₂` the softmax over each
+/// half's sub-key scores (`[key_sets, rows, √N]`, differentiable), `F_s` the selection shares of
+/// key set s counted from `picks` (`set · N + expert` each, each worth `1 / per_set`).
+pub(crate) fn expert_balance(scores_1: Tensor<3>, scores_2: Tensor<3>, picks: Tensor<1, Int>, per_set: f64) -> Tensor<1> {
+    if let Family::FlexHost = family(&scores_1.device())
+        && custom_op::supported(&scores_1)
+        && let Some(sum) = host::expert_balance(scores_1.clone(), scores_2.clone(), &picks, per_set)
+    {
+        return sum;
+    }
+    tensor_ops::expert_balance(scores_1, scores_2, picks, per_set)
 }
 
 /// Eq. 5 without autodiff (inputs may be tracked; the output is not).
@@ -143,3 +158,4 @@ pub(crate) fn adamw_rows(
 ) {
     tensor_ops::adamw_rows(config, lr, step, table, moments, ids, grad)
 }
+

@@ -5,6 +5,7 @@
 //! on GPU backends in blocks of 64 MiB (wgpu caps one buffer at 128 MiB); top-k takes the
 //! strategy that is fastest on each (see [`super::topk`]).
 
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::topk::{is_cpu_backend, returns_sorted, top_k_indices};
@@ -54,6 +55,21 @@ pub(crate) fn retrieve(queries: Tensor<3>, keys: Tensor<4>, k: usize) -> (Tensor
 
     let best = top_k_indices(candidate_scores.clone(), k);
     (candidate_scores.gather(2, best.clone()), candidate_ids.gather(2, best))
+}
+
+/// The expert balance sum as a batched matmul: `Σ_e f_e·P_e = Σ_r p₁(r)ᵀ F p₂(r)` with F the
+/// `[√N, √N]` selection shares of each key set (a constant), one matmul forward and one
+/// backward, never the `[rows, N]` probabilities themselves; `O(rows · N)`.
+pub(crate) fn expert_balance(scores_1: Tensor<3>, scores_2: Tensor<3>, picks: Tensor<1, Int>, per_set: f64) -> Tensor<1> {
+    let (p1, p2) = (softmax(scores_1, 2), softmax(scores_2, 2));
+    let [key_sets, _, root] = p1.dims();
+    let device = p1.device();
+    let [n] = picks.dims();
+    let share = Tensor::<1>::zeros([key_sets * root * root], &device)
+        .select_assign(0, picks, Tensor::ones([n], &device), IndexingUpdateOp::Add)
+        .reshape([key_sets, root, root])
+        .div_scalar(per_set);
+    (p1 * p2.matmul(share.swap_dims(1, 2))).sum()
 }
 
 /// Size of one gathered `[tokens, m, d_model]` block without autodiff.

@@ -72,10 +72,20 @@ fn reference(
     weight * width as f64 * sum / (groups * sets) as f64
 }
 
+/// On Flex (the host kernel sums the expert balance over the selected experts only) and on
+/// wgpu (tensor ops: one dense matmul per key set).
 #[test]
 fn balance_loss_equals_its_definition() {
+    let mut devices = vec![Device::flex().autodiff()];
+    devices.extend(super::backends::wgpu_device().map(|d| d.autodiff()));
+    for device in devices {
+        balance_loss_equals_its_definition_on(&device);
+    }
+}
+
+fn balance_loss_equals_its_definition_on(device: &Device) {
     let mut rng = Rng::new(0xBA1A);
-    let device = Device::flex().autodiff();
+    let device = device.clone();
     for (case, (shared, scoring, balance, root)) in [
         (true, KeyScoring::Dot, Balance::SubKeys, 8),
         (false, KeyScoring::Dot, Balance::SubKeys, 8),
@@ -107,7 +117,7 @@ fn balance_loss_equals_its_definition() {
         let got = host(&loss)[0];
         assert!(
             (got - expected).abs() <= 1e-5 * expected.abs(),
-            "{shared} {scoring:?} {balance:?}: {got} vs {expected}"
+            "{device:?} {shared} {scoring:?} {balance:?}: {got} vs {expected}"
         );
 
         // Gradient with respect to the queries (routing held fixed) against central differences
@@ -124,7 +134,7 @@ fn balance_loss_equals_its_definition() {
                 / (2.0 * eps);
             assert!(
                 (numeric - grad[index]).abs() <= 1e-3 * grad.iter().fold(0.0f64, |m, g| m.max(g.abs())),
-                "{shared} {scoring:?} {balance:?} [{index}]: finite difference {numeric}, autodiff {}",
+                "{device:?} {shared} {scoring:?} {balance:?} [{index}]: finite difference {numeric}, autodiff {}",
                 grad[index]
             );
         }

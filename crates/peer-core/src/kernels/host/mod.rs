@@ -13,6 +13,7 @@
 //! per-token loops and with autodiff over the tensor path. Other devices, and Flex tensors that
 //! are not f32, take the tensor path.
 
+mod balance;
 mod experts;
 mod retrieval;
 mod simd;
@@ -351,6 +352,60 @@ pub(crate) fn retrieve(
     let shape = [layout.tokens, layout.heads, layout.top_k];
     let device = queries.device();
     Some((tensor(found.scores, shape, &device), int_tensor(&found.expert_ids, shape, &device)))
+}
+
+/// The expert balance sum `Σ_s Σ_r p₁(s, r)ᵀ F_s p₂(s, r)` (see
+/// [`ProductKeys::balance_loss`](crate::ProductKeys::balance_loss)) with `p = softmax(scores)`
+/// row by row, over the nonzero shares of the selections `picks` (`set · N + expert` each, each
+/// worth `1 / per_set`), as one autodiff node differentiable in the scores (`[key_sets, rows,
+/// √N]` each). Softmax, the sparse product and their backward passes are fused: composed of
+/// tensor ops, the two softmaxes alone took most of a step at N = 1024². `None` for tensors
+/// that are not f32.
+pub(crate) fn expert_balance(
+    scores_1: Tensor<3>,
+    scores_2: Tensor<3>,
+    picks: &Tensor<1, Int>,
+    per_set: f64,
+) -> Option<Tensor<1>> {
+    let dims = scores_1.dims();
+    let [key_sets, rows, root] = dims;
+    let probabilities = |s: &Tensor<3>| Some(balance::softmax_rows(HostValues::of(s)?.values(), root));
+    let (p1, p2) = (probabilities(&scores_1)?, probabilities(&scores_2)?);
+    // The sparse product reads them transposed, [key_sets, √N, rows]: one row per sub-key.
+    let (p1t, p2t) = (balance::transpose(&p1, dims), balance::transpose(&p2, dims));
+    let picks: Vec<u32> =
+        picks.clone().inner().into_data().convert::<i64>().iter::<i64>().map(|pick| pick as u32).collect();
+    let shares = balance::Shares::new(picks, root, per_set as f32);
+    let sum = balance::forward(&p1t, &p2t, &shares, dims);
+    let output = tensor(vec![sum as f32], [1, 1], &scores_1.device());
+    let backward = BalanceBackward { p: [p1, p2], pt: [p1t, p2t], shares, dims };
+    let inputs = [scores_1.reshape([key_sets * rows, root]), scores_2.reshape([key_sets * rows, root])];
+    Some(custom_op::record(inputs, output, Box::new(backward)).reshape([1]))
+}
+
+/// The backward pass of [`expert_balance`].
+struct BalanceBackward {
+    /// The two halves' probabilities, `[key_sets, rows, √N]`.
+    p: [Vec<f32>; 2],
+    /// The same transposed, `[key_sets, √N, rows]`.
+    pt: [Vec<f32>; 2],
+    shares: balance::Shares,
+    dims: [usize; 3],
+}
+
+impl Vjp for BalanceBackward {
+    fn backward(self: Box<Self>, grad_output: Tensor<2>) -> Vec<Option<Tensor<2>>> {
+        let scale = grad_output.clone().inner().into_scalar::<f32>();
+        let [key_sets, rows, root] = self.dims;
+        let [p1t, p2t] = &self.pt;
+        let (grad_1t, grad_2t) = balance::backward(p1t, p2t, &self.shares, self.dims, scale);
+        let device = grad_output.device();
+        let scores_grad = |grad_t: Vec<f32>, p: &[f32]| {
+            let grad_p = balance::transpose(&grad_t, [key_sets, root, rows]);
+            tensor(balance::softmax_rows_backward(p, &grad_p, root), [key_sets * rows, root], &device)
+        };
+        vec![Some(scores_grad(grad_1t, &self.p[0])), Some(scores_grad(grad_2t, &self.p[1]))]
+    }
 }
 
 /// The whole PEER layer by the fused kernels: retrieval, router weights and experts. On an
