@@ -47,8 +47,7 @@ use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::tensor::{Device, IndexingUpdateOp, Tensor};
 
 use crate::experts::{Experts, RowGradients, touched_rows};
-use crate::sparse_adamw::{RowMoments, SparseAdamWConfig, SparseAdamWState};
-use crate::table::ExpertTable;
+use crate::sparse_adamw::{SparseAdamWConfig, SparseAdamWState};
 
 /// Row gradients left by backward passes and not yet applied, by `experts.down`'s id.
 static STORE: LazyLock<Mutex<HashMap<ParamId, Pending>>> = LazyLock::new(Default::default);
@@ -148,7 +147,7 @@ pub fn apply_expert_updates<M: Module>(
 ) -> usize {
     let pools = expert_pools(model);
     if states.is_empty() {
-        *states = pools.iter().map(zero_state).collect();
+        *states = pools.iter().map(SparseAdamWState::zeros).collect();
     }
     assert_eq!(
         states.len(),
@@ -177,15 +176,8 @@ impl SparseAdamWConfig {
     /// Zero states for every expert pool of `model`, in walk order (see
     /// [`apply_expert_updates`]).
     pub fn init_states<M: Module>(&self, model: &M) -> Vec<SparseAdamWState> {
-        expert_pools(model).iter().map(zero_state).collect()
+        expert_pools(model).iter().map(SparseAdamWState::zeros).collect()
     }
-}
-
-fn zero_state(pool: &ExpertPool) -> SparseAdamWState {
-    let [rows, width] = pool.dims;
-    let zeros = || ExpertTable::from_fn(rows, width, pool.rows_per_block, |shape| Tensor::zeros(shape, &pool.device));
-    let moments = || RowMoments { moment_1: zeros(), moment_2: zeros() };
-    SparseAdamWState { down: moments(), up: moments(), step: Param::from_tensor(Tensor::zeros([1], &pool.device)) }
 }
 
 /// Finds `Experts` modules by the fields Burn's derive reports when it enters them.

@@ -231,7 +231,8 @@ impl ProductKeys {
                 // Σ_e f_e·P_e = (1/rows) Σ_r p₁(r)ᵀ F p₂(r) with F the [√N, √N] selection shares,
                 // summed over F's nonzero entries where a device family can (see kernels).
                 let picks = (set * (root * root) as i64 + expert_ids).reshape([slots]);
-                kernels::expert_balance(s1, s2, picks, per_set).mul_scalar((root * root) as f64 / (rows * key_sets) as f64)
+                kernels::expert_balance(s1, s2, picks, per_set)
+                    .mul_scalar((root * root) as f64 / (rows * key_sets) as f64)
             }
         };
         Some(loss.mul_scalar(self.balance_weight))

@@ -20,6 +20,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 
+use crate::expert_updates::ExpertPool;
 use crate::experts::{Experts, RowGradients};
 use crate::kernels;
 use crate::table::ExpertTable;
@@ -90,6 +91,15 @@ pub struct SparseAdamWState {
 }
 
 impl SparseAdamWState {
+    /// Zero moments in the block layout of `pool`, on its device, and no step taken.
+    pub(crate) fn zeros(pool: &ExpertPool) -> Self {
+        let [rows, width] = pool.dims;
+        let zeros =
+            || ExpertTable::from_fn(rows, width, pool.rows_per_block, |shape| Tensor::zeros(shape, &pool.device));
+        let moments = || RowMoments { moment_1: zeros(), moment_2: zeros() };
+        Self { down: moments(), up: moments(), step: Param::from_tensor(Tensor::zeros([1], &pool.device)) }
+    }
+
     /// Steps taken so far.
     pub fn steps(&self) -> usize {
         self.step.val().into_scalar::<f32>() as usize
@@ -97,14 +107,11 @@ impl SparseAdamWState {
 }
 
 impl SparseAdamWConfig {
-    /// Zero moments for the tables of `experts`, on their device.
+    /// Zero moments for the tables of `experts`, on their device (the state
+    /// [`init_states`](Self::init_states) makes for each pool of a model).
     pub fn init_state(&self, experts: &Experts) -> SparseAdamWState {
-        let zeros = |table: &ExpertTable| RowMoments { moment_1: table.zeros_like(), moment_2: table.zeros_like() };
-        SparseAdamWState {
-            down: zeros(&experts.down),
-            up: zeros(&experts.up),
-            step: Param::from_tensor(Tensor::zeros([1], &experts.down.rows().device())),
-        }
+        let pools = crate::expert_pools(experts);
+        SparseAdamWState::zeros(pools.first().expect("an Experts module is one expert pool"))
     }
 
     /// One lazy AdamW step of both tables of `experts` with learning rate `lr`.

@@ -85,7 +85,12 @@ pub(crate) fn retrieve(
 /// The expert balance sum `Σ_s Σ_r p₁(s, r)ᵀ F_s p₂(s, r)`: `p₁`, `p₂` the softmax over each
 /// half's sub-key scores (`[key_sets, rows, √N]`, differentiable), `F_s` the selection shares of
 /// key set s counted from `picks` (`set · N + expert` each, each worth `1 / per_set`).
-pub(crate) fn expert_balance(scores_1: Tensor<3>, scores_2: Tensor<3>, picks: Tensor<1, Int>, per_set: f64) -> Tensor<1> {
+pub(crate) fn expert_balance(
+    scores_1: Tensor<3>,
+    scores_2: Tensor<3>,
+    picks: Tensor<1, Int>,
+    per_set: f64,
+) -> Tensor<1> {
     if let Family::FlexHost = family(&scores_1.device())
         && custom_op::supported(&scores_1)
         && let Some(sum) = host::expert_balance(scores_1.clone(), scores_2.clone(), &picks, per_set)
@@ -158,4 +163,3 @@ pub(crate) fn adamw_rows(
 ) {
     tensor_ops::adamw_rows(config, lr, step, table, moments, ids, grad)
 }
-

@@ -60,7 +60,12 @@ pub(crate) fn retrieve(queries: Tensor<3>, keys: Tensor<4>, k: usize) -> (Tensor
 /// The expert balance sum as a batched matmul: `Σ_e f_e·P_e = Σ_r p₁(r)ᵀ F p₂(r)` with F the
 /// `[√N, √N]` selection shares of each key set (a constant), one matmul forward and one
 /// backward, never the `[rows, N]` probabilities themselves; `O(rows · N)`.
-pub(crate) fn expert_balance(scores_1: Tensor<3>, scores_2: Tensor<3>, picks: Tensor<1, Int>, per_set: f64) -> Tensor<1> {
+pub(crate) fn expert_balance(
+    scores_1: Tensor<3>,
+    scores_2: Tensor<3>,
+    picks: Tensor<1, Int>,
+    per_set: f64,
+) -> Tensor<1> {
     let (p1, p2) = (softmax(scores_1, 2), softmax(scores_2, 2));
     let [key_sets, _, root] = p1.dims();
     let device = p1.device();

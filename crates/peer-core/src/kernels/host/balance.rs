@@ -145,7 +145,7 @@ pub(crate) fn softmax_rows_backward(p: &[f32], grad: &[f32], width: usize) -> Ve
 }
 
 /// `[sets, a, b]` → `[sets, b, a]`, in tiles that stay in cache.
-pub(crate) fn transpose(values: &[f32], [sets, a, b]: [usize; 3]) -> Vec<f32> {
+pub(crate) fn transpose(values: &[f32], [_, a, b]: [usize; 3]) -> Vec<f32> {
     const TILE: usize = 32;
     let mut out = super::zeros(values.len());
     out.par_chunks_mut(a * b).zip(values.par_chunks(a * b)).for_each(|(out, values)| {
@@ -159,6 +159,5 @@ pub(crate) fn transpose(values: &[f32], [sets, a, b]: [usize; 3]) -> Vec<f32> {
             }
         }
     });
-    let _ = sets;
     out
 }
