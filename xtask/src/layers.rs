@@ -6,7 +6,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use burn::module::Module;
 use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
 use clap::Args;
-use peer::core::{DenseFfwConfig, Peer, PeerConfig, QueryNorm, take_row_gradients};
+use peer::core::{DenseFfwConfig, Peer, PeerConfig, QueryNorm, set_gpu_kernels, take_row_gradients};
 use serde::Serialize;
 
 use crate::harness::{Chart, PeakMemory, Repeats, Report, Timing, bytes, draw_charts, si, time};
@@ -108,8 +108,18 @@ enum Pass<'a> {
     /// Forward, then backward of the output's sum (autodiff; dense expert-table gradients).
     Backward(&'a dyn Fn(Tensor<3>) -> Tensor<3>),
     /// Forward, then backward of the output's sum, with row-sparse table gradients (taken from
-    /// the row store, as an optimizer step would).
-    RowSparse(&'a Peer),
+    /// the row store, as an optimizer step would); with the GPU kernels on (`true`) or with
+    /// every operation in Burn tensor ops (`false`).
+    RowSparse(&'a Peer, bool),
+}
+
+/// Turns the GPU kernels back on when a tensor-op measurement ends, panicking or not.
+struct KernelsBackOn;
+
+impl Drop for KernelsBackOn {
+    fn drop(&mut self) {
+        set_gpu_kernels(true);
+    }
 }
 
 /// One pass of one layer on one device.
@@ -122,6 +132,10 @@ fn measure(
 ) -> Result<(Timing, Option<u64>), String> {
     let run = || {
         let x = Tensor::<3>::random([1, tokens, d_model], Distribution::Normal(0.0, 1.0), device);
+        let _back_on = KernelsBackOn;
+        if let Pass::RowSparse(_, kernels) = &pass {
+            set_gpu_kernels(*kernels);
+        }
         let memory = PeakMemory::start();
         let timing = time(device, repeats, || match &pass {
             Pass::Forward(forward) => {
@@ -130,7 +144,7 @@ fn measure(
             Pass::Backward(forward) => {
                 let _grads = forward(x.clone()).sum().backward();
             }
-            Pass::RowSparse(peer) => {
+            Pass::RowSparse(peer, _) => {
                 let _grads = peer.forward(x.clone()).sum().backward();
                 let _rows = take_row_gradients(&peer.experts);
             }
@@ -179,6 +193,19 @@ pub fn backends(args: &LayerArgs) {
             let peer_train = |x| peer_dense.forward(x);
             // (layer, N, FLOPs per token, passes on the plain and the autodiff device)
             #[allow(clippy::type_complexity)]
+            let mut peer_passes = vec![
+                ("forward", Pass::Forward(&peer_forward), device),
+                ("forward+backward (sparse rows)", Pass::RowSparse(&peer_layer, true), &train_device),
+            ];
+            if name != "flex" && name != "ndarray" {
+                // The same pass without the CubeCL kernels: what they gain.
+                peer_passes.push((
+                    "forward+backward (sparse rows, tensor ops)",
+                    Pass::RowSparse(&peer_layer, false),
+                    &train_device,
+                ));
+            }
+            peer_passes.push(("forward+backward (dense tables)", Pass::Backward(&peer_train), &train_device));
             let rows: [(&str, usize, f64, Vec<(&str, Pass, &Device)>); 2] = [
                 (
                     "dense (FLOP-matched)",
@@ -189,16 +216,7 @@ pub fn backends(args: &LayerArgs) {
                         ("forward+backward", Pass::Backward(&dense_train), &train_device),
                     ],
                 ),
-                (
-                    "peer",
-                    root * root,
-                    peer_config.cost().flops_per_token,
-                    vec![
-                        ("forward", Pass::Forward(&peer_forward), device),
-                        ("forward+backward (sparse rows)", Pass::RowSparse(&peer_layer), &train_device),
-                        ("forward+backward (dense tables)", Pass::Backward(&peer_train), &train_device),
-                    ],
-                ),
+                ("peer", root * root, peer_config.cost().flops_per_token, peer_passes),
             ];
             for (layer, n, flops, passes) in rows {
                 if layer.starts_with("dense") && root != args.roots[0] {
@@ -285,7 +303,7 @@ pub fn pytorch(args: &LayerArgs, python: &str) {
     for &root in &args.roots {
         let config = args.peer(root);
         let layer = config.init(&device);
-        let ours = measure(Pass::RowSparse(&layer), &device, args.tokens, args.d_model, repeats);
+        let ours = measure(Pass::RowSparse(&layer, true), &device, args.tokens, args.d_model, repeats);
         let mut dense_layer = layer.clone();
         dense_layer.experts.sparse_gradients = false;
         let dense_tables =

@@ -175,7 +175,8 @@ pub struct PeerConfig {
     #[config(default = 1e-5)]
     pub norm_epsilon: f64,
     /// Largest row block of an expert table, in bytes. `None` (the default): one block on CPU
-    /// backends, blocks of at most 64 MiB on GPU backends (wgpu caps one buffer at 128 MiB).
+    /// backends and where the table fits one buffer of the device, blocks of the device's
+    /// limit otherwise ([`max_buffer_bytes`](crate::max_buffer_bytes): 128 MiB on llvmpipe).
     /// See [`ExpertTable`](crate::ExpertTable).
     #[config(default = "None")]
     pub table_block_bytes: Option<usize>,

@@ -9,12 +9,14 @@
 //! place for all of them, and every `Module` transformation (`map`, `to_device`, `valid`,
 //! `fork`, `train`, loading a record) returns an unshared table, as a `Param` would.
 //!
-//! GPU backends cap one buffer (wgpu: a 128 MiB storage binding), and a `[1024², 256]` f32
-//! table is 1 GiB. On those devices a table larger than 64 MiB is split into row blocks of at
-//! most 64 MiB, each its own parameter (`experts.down.0`, `experts.down.1`, … in a record);
-//! gathers and row updates address the blocks through masks, so nothing above this module
-//! sees the split. CPU backends keep one block. Checkpoints of tables above 64 MiB therefore
-//! move between CPU and GPU devices only through a configuration with the same block size
+//! GPU backends cap one buffer at the adapter's storage-binding limit (128 MiB on Mesa's
+//! llvmpipe and on wgpu's defaults, up to 2 GiB or more on real GPUs), and a `[1024², 256]` f32
+//! table is 1 GiB. On those devices a table larger than the limit is split into row blocks of
+//! at most the limit, each its own parameter (`experts.down.0`, `experts.down.1`, … in a
+//! record); the kernels and gathers address the blocks by row range, so nothing above this
+//! module sees the split. A table within the limit, and every table on a CPU backend, is one
+//! block. Checkpoints of tables above a device's limit therefore move between devices only
+//! through a configuration with the same block size
 //! ([`PeerConfig::table_block_bytes`](crate::PeerConfig::table_block_bytes)).
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,19 +28,31 @@ use burn::tensor::{Device, Gradients, IndexingUpdateOp, Int, Tensor};
 
 use crate::kernels::topk::is_cpu_backend;
 
-/// Largest buffer this crate makes on GPU backends (wgpu caps one storage binding at 128 MiB):
-/// a table's row block, or a block of gathered expert rows.
+/// Largest temporary buffer the tensor-op path makes on GPU backends (a block of gathered
+/// expert rows), and a table's row block on a GPU device whose limit is unknown: half of
+/// wgpu's default 128 MiB storage binding.
 pub const GPU_BLOCK_BYTES: usize = 64 << 20;
 
-/// Rows per block for a `[rows, width]` f32 table on `device`: all of them on CPU backends
-/// unless `max_block_bytes` says otherwise, at most [`GPU_BLOCK_BYTES`] per block elsewhere.
+/// Rows per block for a `[rows, width]` f32 table on `device`: at most `max_block_bytes` per
+/// block when given; otherwise all of them on CPU backends and wherever the table fits one
+/// buffer of the device ([`max_buffer_bytes`]), blocks of that size where it does not.
 pub fn block_rows(rows: usize, width: usize, device: &Device, max_block_bytes: Option<usize>) -> usize {
     let limit = match max_block_bytes {
         Some(bytes) => bytes,
         None if is_cpu_backend(device) => return rows.max(1),
-        None => GPU_BLOCK_BYTES,
+        None => max_buffer_bytes(device),
     };
     (limit / (4 * width.max(1))).clamp(1, rows.max(1))
+}
+
+/// The largest buffer `device` can bind to a kernel, read from its adapter (wgpu: the smaller
+/// of `max_storage_buffer_binding_size` and `max_buffer_size`); [`GPU_BLOCK_BYTES`] where the
+/// device does not say, `usize::MAX` on CPU backends.
+pub fn max_buffer_bytes(device: &Device) -> usize {
+    if is_cpu_backend(device) {
+        return usize::MAX;
+    }
+    crate::kernels::max_buffer_bytes(device).unwrap_or(GPU_BLOCK_BYTES)
 }
 
 /// A `[rows, width]` trainable table (one `Param` per row block) whose rows can be rewritten

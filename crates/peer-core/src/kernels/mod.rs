@@ -8,8 +8,8 @@
 //!   feature;
 //! - [`tensor_ops`]: Burn tensor ops, on any device: the fallback of every operation and the
 //!   reference the other families are tested against;
-//! - GPU kernels (CubeCL, for wgpu) are the next family: one more module and one more arm in
-//!   [`family`].
+//! - [`cube`]: CubeCL kernels on Cube devices (wgpu here; CUDA-ready), read in place the same
+//!   way.
 //!
 //! | operation | host (Flex) | tensor ops |
 //! |---|---|---|
@@ -23,9 +23,12 @@
 //! Where a family cannot take the tensors it is given (not f32, say), the call falls back to
 //! tensor ops.
 
+pub(crate) mod cube;
 pub(crate) mod host;
 pub(crate) mod tensor_ops;
 pub(crate) mod topk;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::{Device, Int, Tensor};
 
@@ -40,13 +43,40 @@ use crate::table::ExpertTable;
 enum Family {
     /// Fused host kernels on Flex.
     FlexHost,
+    /// CubeCL kernels on the Cube backend (wgpu).
+    Cube,
     /// Burn tensor ops.
     TensorOps,
 }
 
+/// Whether Cube devices take the CubeCL kernels (see [`set_gpu_kernels`]).
+static GPU_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Turns the CubeCL kernels on or off for the whole process (on by default). Off, Cube devices
+/// (wgpu) compute every operation with Burn tensor ops, the path the kernels are tested
+/// against: for benchmarks that compare the two, and for tracking down a suspected kernel
+/// fault. Results agree to rounding either way.
+pub fn set_gpu_kernels(enabled: bool) {
+    GPU_KERNELS.store(enabled, Ordering::Relaxed);
+}
+
 /// The one place that maps a device to an implementation family.
 fn family(device: &Device) -> Family {
-    if host::is_flex(device) { Family::FlexHost } else { Family::TensorOps }
+    if host::is_flex(device) {
+        Family::FlexHost
+    } else if topk::is_cpu_backend(device) || !GPU_KERNELS.load(Ordering::Relaxed) {
+        Family::TensorOps
+    } else {
+        Family::Cube
+    }
+}
+
+/// The largest buffer a kernel on `device` can bind, where the device family says.
+pub(crate) fn max_buffer_bytes(device: &Device) -> Option<usize> {
+    match family(device) {
+        Family::Cube => cube::max_buffer_bytes(device),
+        Family::FlexHost | Family::TensorOps => None,
+    }
 }
 
 /// The whole layer for tokens `x` (`[tokens, d_model]`) with queries `[tokens, heads,
@@ -62,7 +92,7 @@ pub(crate) fn fused_layer(
 ) -> Option<(Tensor<3>, PeerRouting)> {
     match family(&x.device()) {
         Family::FlexHost => host::fused_layer(peer, x, queries, batch_seq),
-        Family::TensorOps => None,
+        Family::Cube | Family::TensorOps => None,
     }
 }
 
@@ -108,9 +138,12 @@ pub(crate) fn experts_forward(
     router_weights: Tensor<2>,
 ) -> Tensor<2> {
     let (x, expert_ids, router_weights) = (x.inner(), expert_ids.inner(), router_weights.inner());
-    if let Family::FlexHost = family(&x.device())
-        && let Some(output) = host::experts_forward(experts, &x, &expert_ids, &router_weights)
-    {
+    let done = match family(&x.device()) {
+        Family::FlexHost => host::experts_forward(experts, &x, &expert_ids, &router_weights),
+        Family::Cube => cube::experts_forward(experts, &x, &expert_ids, &router_weights),
+        Family::TensorOps => None,
+    };
+    if let Some(output) = done {
         return output;
     }
     tensor_ops::experts_forward(experts, x, expert_ids, router_weights)
@@ -126,9 +159,12 @@ pub(crate) fn experts_backward(
 ) -> ExpertGradients {
     let (x, expert_ids) = (x.inner(), expert_ids.inner());
     let (router_weights, grad_output) = (router_weights.inner(), grad_output.inner());
-    if let Family::FlexHost = family(&x.device())
-        && let Some(grads) = host::experts_backward(experts, &x, &expert_ids, &router_weights, &grad_output)
-    {
+    let done = match family(&x.device()) {
+        Family::FlexHost => host::experts_backward(experts, &x, &expert_ids, &router_weights, &grad_output),
+        Family::Cube => cube::experts_backward(experts, &x, &expert_ids, &router_weights, &grad_output),
+        Family::TensorOps => None,
+    };
+    if let Some(grads) = done {
         return grads;
     }
     tensor_ops::experts_backward(experts, x, expert_ids, router_weights, grad_output)

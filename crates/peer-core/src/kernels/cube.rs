@@ -1,0 +1,395 @@
+//! The GPU family of the seam: CubeCL kernels on the Cube backend (wgpu here; the same kernels
+//! compile for CUDA), read in place through Burn's `extension` feature.
+//!
+//! Composed of tensor ops, the experts gather `[tokens · m, d_model]` rows twice per pass, form
+//! outer products of that size in the backward pass and scatter them into the distinct rows;
+//! wgpu caps each of those buffers, so they go in 64 MiB blocks. Here the experts are four small
+//! kernels that never form a `[tokens · m, d_model]` value:
+//!
+//! - [`slot_dots`]: one thread per retrieved slot `(t, j)`, the dot product of expert row
+//!   `ids[t, j]` with token t's vector (`a = u·x` forward, `v·dy` backward);
+//! - [`weighted_rows`]: one thread per output element `(t, c)`, `Σ_j w[t, j] · row(ids[t, j])[c]`
+//!   (`y = Σ h v` forward, `dx = Σ da u` backward);
+//! - [`fill_slot_lists`] and [`row_sums`]: the row gradients grouped by distinct expert, as a
+//!   compressed list of each expert's slots (integer atomics place the slots, which every
+//!   adapter has) and one thread per gradient element summing its expert's slots.
+//!
+//! Activations, router weights and the small `[tokens, m]` products stay Burn tensor ops, so
+//! each equation has one definition. None of the kernels uses plane (subgroup) operations or
+//! float atomics, which CPU adapters such as Mesa's llvmpipe lack, and none needs a barrier.
+//!
+//! Tables in row blocks take one launch per block: a thread whose expert lives in another block
+//! leaves its outputs to that block's launch. Tensors that are not f32 (ids not i32) fall back
+//! to tensor ops.
+
+use burn::backend::Cube;
+use burn::backend::wgpu::CubeTensor;
+use burn::tensor::{DType, Device, Int, Tensor};
+use cubecl::ir::{ElemType, FloatKind, IntKind};
+use cubecl::prelude::{CubeCount, CubeDim};
+
+use crate::experts::{ExpertGradients, Experts, RowGradients};
+use kernels::{row_sums, slot_dots, weighted_rows};
+
+/// Threads per cube of every launch here.
+const CUBE_THREADS: u32 = 256;
+
+/// The kernels (device code), apart from the host code's Burn names.
+mod kernels {
+    use cubecl::prelude::*;
+
+    /// Expert-row dot products, one cube per token t: `out[t, j] = Σ_c table[ids[t, j] −
+    /// first_row, c] · vectors[t, c]` for the slots whose expert lies in this block (rows
+    /// `first_row..first_row + rows`). The token's vector goes to shared memory and the first
+    /// thread lists the token's slots in this block; then each thread takes list entries p,
+    /// p + cube size, … and reads its expert's row straight through, so no thread of a cube
+    /// idles on a slot of another block.
+    #[cube(launch)]
+    pub(super) fn slot_dots<F: Float, I: Int>(
+        table: &Tensor<F>,
+        vectors: &Tensor<F>,
+        ids: &Tensor<I>,
+        out: &mut Tensor<F>,
+        first_row: u32,
+        #[comptime] width: usize,
+        #[comptime] m: usize,
+        #[define(F, I)] _dtypes: [ElemType; 2],
+    ) {
+        let t = CUBE_POS_X as usize;
+        let mut vector = Shared::<[F]>::new_slice(width);
+        let mut c = UNIT_POS_X as usize;
+        while c < width {
+            vector[c] = vectors[t * vectors.stride(0) + c * vectors.stride(1)];
+            c += CUBE_DIM_X as usize;
+        }
+        let mut rows = Shared::<[u32]>::new_slice(m);
+        let mut slots = Shared::<[u32]>::new_slice(m);
+        let mut listed = Shared::<[u32]>::new_slice(1usize);
+        if UNIT_POS_X == 0 {
+            let first = first_row as usize;
+            let block_rows = table.shape(0);
+            let mut n = 0usize;
+            for j in 0..m {
+                let id = usize::cast_from(ids[t * ids.stride(0) + j * ids.stride(1)]);
+                if id >= first && id < first + block_rows {
+                    rows[n] = (id - first) as u32;
+                    slots[n] = j as u32;
+                    n += 1;
+                }
+            }
+            listed[0] = n as u32;
+        }
+        sync_cube();
+        let n = listed[0] as usize;
+        let step = table.stride(1);
+        let mut p = UNIT_POS_X as usize;
+        while p < n {
+            let row = rows[p] as usize * table.stride(0);
+            let mut acc = F::new(0.0);
+            for c in 0..width {
+                acc += table[row + c * step] * vector[c];
+            }
+            let at = t * out.stride(0) + slots[p] as usize * out.stride(1);
+            out[at] = acc;
+            p += CUBE_DIM_X as usize;
+        }
+    }
+
+    /// Weighted sums of expert rows, one cube per token t: `out[t, c] += Σ_j weights[t, j] ·
+    /// table[ids[t, j] − first_row, c]` over the slots whose expert lies in this block. The
+    /// first thread lists the token's slots in this block (row, weight) in shared memory; then
+    /// each thread sums columns c, c + cube size, … over that list, so the threads of a cube
+    /// read consecutive elements of each row.
+    #[cube(launch)]
+    pub(super) fn weighted_rows<F: Float, I: Int>(
+        table: &Tensor<F>,
+        weights: &Tensor<F>,
+        ids: &Tensor<I>,
+        out: &mut Tensor<F>,
+        first_row: u32,
+        #[comptime] m: usize,
+        #[define(F, I)] _dtypes: [ElemType; 2],
+    ) {
+        let t = CUBE_POS_X as usize;
+        let mut rows = Shared::<[u32]>::new_slice(m);
+        let mut coefficients = Shared::<[F]>::new_slice(m);
+        let mut listed = Shared::<[u32]>::new_slice(1usize);
+        if UNIT_POS_X == 0 {
+            let first = first_row as usize;
+            let block_rows = table.shape(0);
+            let mut n = 0usize;
+            for j in 0..m {
+                let id = usize::cast_from(ids[t * ids.stride(0) + j * ids.stride(1)]);
+                if id >= first && id < first + block_rows {
+                    rows[n] = (id - first) as u32;
+                    coefficients[n] = weights[t * weights.stride(0) + j * weights.stride(1)];
+                    n += 1;
+                }
+            }
+            listed[0] = n as u32;
+        }
+        sync_cube();
+        let n = listed[0] as usize;
+        let width = out.shape(1);
+        let mut c = UNIT_POS_X as usize;
+        while c < width {
+            let mut acc = F::new(0.0);
+            for p in 0..n {
+                acc += coefficients[p] * table[rows[p] as usize * table.stride(0) + c * table.stride(1)];
+            }
+            let at = t * out.stride(0) + c * out.stride(1);
+            out[at] += acc;
+            c += CUBE_DIM_X as usize;
+        }
+    }
+
+    /// Row gradients: `out[r, c] = Σ_{s in list(r)} coefficients[s] · vectors[s / m, c]`, the slots
+    /// of distinct expert r being `list[offsets[r]..offsets[r + 1]]`.
+    #[cube(launch)]
+    pub(super) fn row_sums<F: Float, I: Int>(
+        list: &Tensor<I>,
+        offsets: &Tensor<I>,
+        coefficients: &Tensor<F>,
+        vectors: &Tensor<F>,
+        out: &mut Tensor<F>,
+        m: u32,
+        #[define(F, I)] _dtypes: [ElemType; 2],
+    ) {
+        let width = out.shape(1);
+        let pos = ABSOLUTE_POS;
+        if pos >= out.shape(0) * width {
+            terminate!();
+        }
+        let r = pos / width;
+        let c = pos % width;
+        let start = usize::cast_from(offsets[r]);
+        let end = usize::cast_from(offsets[r + 1]);
+        let mut acc = F::new(0.0);
+        for p in start..end {
+            let slot = usize::cast_from(list[p]);
+            acc += coefficients[slot] * vectors[(slot / m as usize) * vectors.stride(0) + c * vectors.stride(1)];
+        }
+        let at = r * out.stride(0) + c * out.stride(1);
+        out[at] = acc;
+    }
+}
+
+/// The slots of a step grouped by expert: a 4-byte-per-slot readback and one sort on the host.
+/// The grouping is exact and deterministic (each expert's slots in increasing order), so the
+/// row gradients are the same sums in the same order on every run; float atomics, the
+/// alternative, exist only on some adapters and sum in arrival order.
+struct SlotsByExpert {
+    /// Distinct expert ids, increasing.
+    ids: Vec<i64>,
+    /// Expert r's slots are `slots[offsets[r]..offsets[r + 1]]`.
+    offsets: Vec<i64>,
+    /// Slot indices (`t · m + j`), grouped by expert, increasing within each group.
+    slots: Vec<i64>,
+}
+
+impl SlotsByExpert {
+    fn of(expert_ids: Tensor<2, Int>) -> Self {
+        let ids = expert_ids.into_data().convert::<i64>().try_into_vec::<i64>().expect("i64 ids");
+        let mut keyed: Vec<u64> = ids.iter().enumerate().map(|(slot, &id)| ((id as u64) << 32) | slot as u64).collect();
+        keyed.sort_unstable();
+        let mut grouping = Self { ids: Vec::new(), offsets: vec![0], slots: Vec::with_capacity(keyed.len()) };
+        for (position, key) in keyed.iter().enumerate() {
+            let id = (key >> 32) as i64;
+            if grouping.ids.last() != Some(&id) {
+                if position > 0 {
+                    grouping.offsets.push(position as i64);
+                }
+                grouping.ids.push(id);
+            }
+            grouping.slots.push((key & 0xffff_ffff) as i64);
+        }
+        grouping.offsets.push(keyed.len() as i64);
+        grouping
+    }
+}
+
+fn int_tensor(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
+    let len = values.len();
+    Tensor::from_data(burn::tensor::TensorData::new(values, [len]), device)
+}
+
+/// The adapter's limit on one bound buffer (CubeCL's `max_page_size`: wgpu's storage-binding
+/// and buffer-size limits, whichever is smaller).
+pub(crate) fn max_buffer_bytes(device: &Device) -> Option<usize> {
+    let probe = float_primitive(Tensor::<1>::zeros([1], &device.clone().without_autodiff()))?;
+    usize::try_from(probe.client.properties().memory.max_page_size).ok()
+}
+
+/// A float tensor's Cube primitive, if it is an f32 tensor on a Cube device.
+fn float_primitive<const D: usize>(tensor: Tensor<D>) -> Option<CubeTensor> {
+    let primitive = tensor.try_into_primitive::<Cube>().ok()?;
+    (primitive.dtype == DType::F32).then_some(primitive)
+}
+
+/// An int tensor's Cube primitive, if it is an i32 tensor on a Cube device.
+fn int_primitive<const D: usize>(tensor: Tensor<D, Int>) -> Option<CubeTensor> {
+    let primitive = tensor.try_into_primitive::<Cube>().ok()?;
+    (primitive.dtype == DType::I32).then_some(primitive)
+}
+
+fn f32_type() -> ElemType {
+    ElemType::Float(FloatKind::F32)
+}
+
+fn i32_type() -> ElemType {
+    ElemType::Int(IntKind::I32)
+}
+
+/// Threads per cube of the per-token kernels.
+const TOKEN_THREADS: u32 = 64;
+
+/// One cube per token (a 2-d grid past the adapter's per-dimension cube count).
+fn per_token(tokens: usize) -> CubeCount {
+    CubeCount::Static(tokens as u32, 1, 1)
+}
+
+/// A 1-d launch of `threads` threads.
+fn grid(threads: usize) -> (CubeCount, CubeDim) {
+    let cubes = threads.div_ceil(CUBE_THREADS as usize).max(1) as u32;
+    (CubeCount::Static(cubes, 1, 1), CubeDim::new_1d(CUBE_THREADS))
+}
+
+/// The tables' blocks without autodiff, each with its first row.
+fn blocks(table: &crate::table::ExpertTable) -> Option<Vec<(CubeTensor, u32)>> {
+    let (blocks, rows_per_block) = table.values_in_blocks();
+    blocks
+        .into_iter()
+        .enumerate()
+        .map(|(b, block)| Some((float_primitive(block)?, (b * rows_per_block) as u32)))
+        .collect()
+}
+
+/// `[tokens, m]` dot products of each slot's expert row in `table` with its token's row of
+/// `vectors` (`[tokens, d_model]`).
+fn dots(table: &[(CubeTensor, u32)], vectors: &CubeTensor, ids: &CubeTensor, device: &Device) -> CubeTensor {
+    let [tokens, m] = ids.meta.shape().dims::<2>();
+    let [_, width] = vectors.meta.shape().dims::<2>();
+    let out = float_primitive(Tensor::<2>::zeros([tokens, m], device)).expect("f32 zeros on a Cube device");
+    for (block, first_row) in table {
+        slot_dots::launch(
+            &out.client,
+            per_token(tokens),
+            CubeDim::new_1d(TOKEN_THREADS),
+            block.clone().into_tensor_arg(),
+            vectors.clone().into_tensor_arg(),
+            ids.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            *first_row,
+            width,
+            m,
+            [f32_type(), i32_type()],
+        );
+    }
+    out
+}
+
+/// `[tokens, d_model]` sums over each token's slots of `weights[t, j]` times the slot's expert
+/// row in `table`.
+fn weighted(
+    table: &[(CubeTensor, u32)],
+    weights: &CubeTensor,
+    ids: &CubeTensor,
+    width: usize,
+    device: &Device,
+) -> CubeTensor {
+    let [tokens, m] = ids.meta.shape().dims::<2>();
+    let out = float_primitive(Tensor::<2>::zeros([tokens, width], device)).expect("f32 zeros on a Cube device");
+    for (block, first_row) in table {
+        weighted_rows::launch(
+            &out.client,
+            per_token(tokens),
+            CubeDim::new_1d(TOKEN_THREADS),
+            block.clone().into_tensor_arg(),
+            weights.clone().into_tensor_arg(),
+            ids.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            *first_row,
+            m,
+            [f32_type(), i32_type()],
+        );
+    }
+    out
+}
+
+/// Eq. 5 by the kernels: `a = u·x`, `h = g σ(a)` (tensor ops), `y = Σ h v`. `None` where the
+/// tensors cannot go to the kernels.
+pub(crate) fn experts_forward(
+    experts: &Experts,
+    x: &Tensor<2>,
+    expert_ids: &Tensor<2, Int>,
+    router_weights: &Tensor<2>,
+) -> Option<Tensor<2>> {
+    let device = x.device();
+    let [_, d_model] = x.dims();
+    let (down, up) = (blocks(&experts.down)?, blocks(&experts.up)?);
+    let (xs, ids) = (float_primitive(x.clone())?, int_primitive(expert_ids.clone())?);
+    let pre_activation = Tensor::<2>::from_primitive::<Cube>(dots(&down, &xs, &ids, &device));
+    let hidden = experts.activation.apply(pre_activation) * router_weights.clone();
+    let hidden = float_primitive(hidden)?;
+    Some(Tensor::from_primitive::<Cube>(weighted(&up, &hidden, &ids, d_model, &device)))
+}
+
+/// The experts' vector-Jacobian product by the kernels (see [`Experts::backward_detached`]):
+/// `dh = v·dy`, `dg = σ(a) dh`, `da = g σ'(a) dh`, `dx = Σ da u`, and the row gradients
+/// `du = Σ da x`, `dv = Σ g σ(a) dy` over each distinct expert's slots.
+pub(crate) fn experts_backward(
+    experts: &Experts,
+    x: &Tensor<2>,
+    expert_ids: &Tensor<2, Int>,
+    router_weights: &Tensor<2>,
+    grad_output: &Tensor<2>,
+) -> Option<ExpertGradients> {
+    let device = x.device();
+    let [tokens, d_model] = x.dims();
+    let [_, m] = expert_ids.dims();
+    let (down, up) = (blocks(&experts.down)?, blocks(&experts.up)?);
+    let (xs, ids) = (float_primitive(x.clone())?, int_primitive(expert_ids.clone())?);
+    let dys = float_primitive(grad_output.clone())?;
+
+    let a = Tensor::<2>::from_primitive::<Cube>(dots(&down, &xs, &ids, &device));
+    let dh = Tensor::<2>::from_primitive::<Cube>(dots(&up, &dys, &ids, &device));
+    let g = router_weights.clone();
+    let sigma = experts.activation.apply(a.clone());
+    let da = dh.clone() * g.clone() * experts.activation.derivative(a);
+    let up_coefficients = sigma.clone() * g;
+    let grad_g = dh * sigma;
+    let grad_x = Tensor::from_primitive::<Cube>(weighted(&down, &float_primitive(da.clone())?, &ids, d_model, &device));
+
+    // The slots of each distinct expert, listed together.
+    let slots = tokens * m;
+    let grouping = SlotsByExpert::of(expert_ids.clone());
+    let distinct = grouping.ids.len();
+    let list = int_primitive(int_tensor(grouping.slots, &device))?;
+    let offsets = int_primitive(int_tensor(grouping.offsets, &device))?;
+
+    let row_gradient = |coefficients: Tensor<2>, vectors: &CubeTensor| -> Option<Tensor<2>> {
+        let coefficients = float_primitive(coefficients.reshape([slots]))?;
+        let out = float_primitive(Tensor::<2>::zeros([distinct, d_model], &device))?;
+        let (count, dim) = grid(distinct * d_model);
+        row_sums::launch(
+            &out.client,
+            count,
+            dim,
+            list.clone().into_tensor_arg(),
+            offsets.clone().into_tensor_arg(),
+            coefficients.into_tensor_arg(),
+            vectors.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            m as u32,
+            [f32_type(), i32_type()],
+        );
+        Some(Tensor::from_primitive::<Cube>(out))
+    };
+    let grad_down = row_gradient(da, &xs)?;
+    let grad_up = row_gradient(up_coefficients, &dys)?;
+    Some(ExpertGradients {
+        x: grad_x,
+        router_weights: grad_g,
+        rows: RowGradients { ids: int_tensor(grouping.ids, &device), down: grad_down, up: grad_up },
+    })
+}
