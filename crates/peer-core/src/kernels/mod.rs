@@ -11,14 +11,14 @@
 //! - [`cube`]: CubeCL kernels on Cube devices (wgpu here; CUDA-ready), read in place the same
 //!   way.
 //!
-//! | operation | host (Flex) | tensor ops |
-//! |---|---|---|
-//! | whole layer: retrieval, router weights and experts as one autodiff node ([`fused_layer`]) | yes | no (`Peer` composes the parts) |
-//! | retrieval without autodiff ([`retrieve`]): sub-key scores, top-k per half, candidates, top-k | yes | yes |
-//! | experts without autodiff, forward ([`experts_forward`]) and backward with row gradients ([`experts_backward`]) | yes | yes |
-//! | experts with dense table gradients ([`experts_forward_tracked`]) | no | yes |
-//! | the expert balance sum over the selected experts ([`expert_balance`]) | yes, `O(rows · selected)` | yes, `O(rows · N)` |
-//! | distinct rows of a step ([`touched_rows`]), the lazy AdamW row update ([`adamw_rows`]) | no | yes |
+//! | operation | host (Flex) | cube (wgpu) | tensor ops |
+//! |---|---|---|---|
+//! | whole layer: retrieval, router weights and experts as one autodiff node ([`fused_layer`]) | yes | no (`Peer` composes the parts) | no |
+//! | retrieval without autodiff ([`retrieve`]): sub-key scores, top-k per half, candidates, top-k | yes | no (Burn's top-k kernel) | yes |
+//! | experts without autodiff, forward ([`experts_forward`]) and backward with row gradients ([`experts_backward`]) | yes | yes | yes |
+//! | experts with dense table gradients ([`experts_forward_tracked`]) | no | no | yes |
+//! | the expert balance sum over the selected experts ([`expert_balance`]) | yes, `O(rows · selected)` | no | yes, `O(rows · N)` |
+//! | distinct rows of a step ([`touched_rows`]), the lazy AdamW row update ([`adamw_rows`]) | no | no | yes |
 //!
 //! Where a family cannot take the tensors it is given (not f32, say), the call falls back to
 //! tensor ops.
