@@ -24,10 +24,11 @@
 
 use burn::backend::Cube;
 use burn::backend::wgpu::CubeTensor;
-use burn::tensor::{DType, Device, Int, Tensor};
+use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor};
 use cubecl::ir::{ElemType, FloatKind, IntKind};
 use cubecl::prelude::{CubeCount, CubeDim};
 
+use crate::custom_op::{self, Vjp};
 use crate::experts::{ExpertGradients, Experts, RowGradients};
 use kernels::{row_sums, slot_dots, weighted_rows};
 
@@ -213,6 +214,54 @@ fn int_tensor(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
     Tensor::from_data(burn::tensor::TensorData::new(values, [len]), device)
 }
 
+/// [`SlotsByExpert`] on the device, for [`row_sums`].
+struct SlotLists {
+    /// Distinct ids, increasing, `[U]`.
+    ids: Tensor<1, Int>,
+    offsets: CubeTensor,
+    list: CubeTensor,
+    /// Slots per row of the ids (`m`).
+    per_row: usize,
+}
+
+impl SlotLists {
+    /// The slots of `ids` (`[rows, m]`) grouped by id.
+    fn of(ids: Tensor<2, Int>, device: &Device) -> Option<Self> {
+        let [_, per_row] = ids.dims();
+        let grouping = SlotsByExpert::of(ids);
+        Some(Self {
+            offsets: int_primitive(int_tensor(grouping.offsets, device))?,
+            list: int_primitive(int_tensor(grouping.slots, device))?,
+            ids: int_tensor(grouping.ids, device),
+            per_row,
+        })
+    }
+
+    /// `[U, width]`: for each distinct id, the sum over its slots s of `coefficients[s] ·
+    /// vectors[s / m]` (`coefficients` `[rows, m]`, `vectors` `[rows, width]`).
+    fn row_sums(&self, coefficients: Tensor<2>, vectors: &CubeTensor, width: usize) -> Option<Tensor<2>> {
+        let [rows, m] = coefficients.dims();
+        let device = coefficients.device();
+        let coefficients = float_primitive(coefficients.reshape([rows * m]))?;
+        let [distinct] = self.ids.dims();
+        let out = float_primitive(Tensor::<2>::zeros([distinct, width], &device))?;
+        let (count, dim) = grid(distinct * width);
+        row_sums::launch(
+            &out.client,
+            count,
+            dim,
+            self.list.clone().into_tensor_arg(),
+            self.offsets.clone().into_tensor_arg(),
+            coefficients.into_tensor_arg(),
+            vectors.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            self.per_row as u32,
+            [f32_type(), i32_type()],
+        );
+        Some(Tensor::from_primitive::<Cube>(out))
+    }
+}
+
 /// The adapter's limit on one bound buffer (CubeCL's `max_page_size`: wgpu's storage-binding
 /// and buffer-size limits, whichever is smaller).
 pub(crate) fn max_buffer_bytes(device: &Device) -> Option<usize> {
@@ -345,8 +394,7 @@ pub(crate) fn experts_backward(
     grad_output: &Tensor<2>,
 ) -> Option<ExpertGradients> {
     let device = x.device();
-    let [tokens, d_model] = x.dims();
-    let [_, m] = expert_ids.dims();
+    let [_, d_model] = x.dims();
     let (down, up) = (blocks(&experts.down)?, blocks(&experts.up)?);
     let (xs, ids) = (float_primitive(x.clone())?, int_primitive(expert_ids.clone())?);
     let dys = float_primitive(grad_output.clone())?;
@@ -360,36 +408,95 @@ pub(crate) fn experts_backward(
     let grad_g = dh * sigma;
     let grad_x = Tensor::from_primitive::<Cube>(weighted(&down, &float_primitive(da.clone())?, &ids, d_model, &device));
 
-    // The slots of each distinct expert, listed together.
-    let slots = tokens * m;
-    let grouping = SlotsByExpert::of(expert_ids.clone());
-    let distinct = grouping.ids.len();
-    let list = int_primitive(int_tensor(grouping.slots, &device))?;
-    let offsets = int_primitive(int_tensor(grouping.offsets, &device))?;
-
-    let row_gradient = |coefficients: Tensor<2>, vectors: &CubeTensor| -> Option<Tensor<2>> {
-        let coefficients = float_primitive(coefficients.reshape([slots]))?;
-        let out = float_primitive(Tensor::<2>::zeros([distinct, d_model], &device))?;
-        let (count, dim) = grid(distinct * d_model);
-        row_sums::launch(
-            &out.client,
-            count,
-            dim,
-            list.clone().into_tensor_arg(),
-            offsets.clone().into_tensor_arg(),
-            coefficients.into_tensor_arg(),
-            vectors.clone().into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            m as u32,
-            [f32_type(), i32_type()],
-        );
-        Some(Tensor::from_primitive::<Cube>(out))
-    };
-    let grad_down = row_gradient(da, &xs)?;
-    let grad_up = row_gradient(up_coefficients, &dys)?;
+    let lists = SlotLists::of(expert_ids.clone(), &device)?;
+    let grad_down = lists.row_sums(da, &xs, d_model)?;
+    let grad_up = lists.row_sums(up_coefficients, &dys, d_model)?;
     Some(ExpertGradients {
         x: grad_x,
         router_weights: grad_g,
-        rows: RowGradients { ids: int_tensor(grouping.ids, &device), down: grad_down, up: grad_up },
+        rows: RowGradients { ids: lists.ids, down: grad_down, up: grad_up },
     })
+}
+
+/// Product-key retrieval on an autodiff Cube device as one node: the forward pass is the
+/// tensor path's (sub-key score matmuls, Burn's top-k kernel, candidates), computed without
+/// autodiff; the backward pass uses that only the `k` selected scores of each row carry a
+/// gradient. With `i`, `j` the sub-keys of a selected expert (`id = i·√N + j`) and `dS` the
+/// scores' gradient: `dq₁ = Σ_p dS_p c_i`, `dq₂ = Σ_p dS_p c'_j` ([`weighted_rows`] over the
+/// sub-key table), `dc_i = Σ dS_p q₁` over the slots that picked `i` ([`row_sums`]), instead of
+/// autodiff's two `[tokens · heads, √N]`-sized matmuls through a dense score gradient.
+///
+/// `queries` `[tokens, heads, key_dim]` and `sub_keys` `[key_sets, 2, √N, key_dim / 2]` are the
+/// scored operands; `None` where the tensors cannot go to the kernels.
+pub(crate) fn retrieve_tracked(
+    queries: Tensor<3>,
+    sub_keys: Tensor<4>,
+    k: usize,
+) -> Option<(Tensor<3>, Tensor<3, Int>)> {
+    let [tokens, heads, key_dim] = queries.dims();
+    let [key_sets, _, root, half] = sub_keys.dims();
+    let (scores, expert_ids) = super::tensor_ops::retrieve(queries.clone().inner(), sub_keys.clone().inner(), k);
+    float_primitive(scores.clone())?;
+    int_primitive(expert_ids.clone())?;
+    let rows = tokens * heads;
+    let tracked = queries.is_autodiff() || sub_keys.is_autodiff();
+    let backward = RetrievalBackward {
+        queries: queries.clone().inner().reshape([rows, key_dim]),
+        sub_keys: sub_keys.clone().inner().reshape([key_sets * 2 * root, half]),
+        expert_ids: expert_ids.clone().reshape([rows, k]),
+        heads,
+        key_sets,
+        root,
+    };
+    let scores = custom_op::record(
+        [queries.reshape([rows, key_dim]), sub_keys.reshape([key_sets * 2 * root, half])],
+        scores.reshape([rows, k]),
+        Box::new(backward),
+    );
+    // The ids live on the autodiff device, as the tensor path's do.
+    let expert_ids = if tracked { Tensor::from_inner(expert_ids) } else { expert_ids };
+    Some((scores.reshape([tokens, heads, k]), expert_ids))
+}
+
+/// The backward pass of [`retrieve_tracked`].
+struct RetrievalBackward {
+    /// `[tokens · heads, key_dim]`.
+    queries: Tensor<2>,
+    /// `[key_sets · 2 · √N, key_dim / 2]`: row `(set · 2 + half) · √N + i` is sub-key i.
+    sub_keys: Tensor<2>,
+    /// `[tokens · heads, k]`.
+    expert_ids: Tensor<2, Int>,
+    heads: usize,
+    key_sets: usize,
+    root: usize,
+}
+
+impl Vjp for RetrievalBackward {
+    fn backward(self: Box<Self>, grad_scores: Tensor<2>) -> Vec<Option<Tensor<2>>> {
+        let device = grad_scores.device();
+        let [rows, key_dim] = self.queries.dims();
+        let half = key_dim / 2;
+        let root = self.root as i64;
+        // Each row's key set: its head with per-head keys, the one shared set otherwise.
+        let set = if self.key_sets == 1 {
+            Tensor::<2, Int>::zeros([rows, 1], &device)
+        } else {
+            Tensor::<1, Int>::arange(0..rows as i64, &device).remainder_scalar(self.heads as i64).reshape([rows, 1])
+        };
+        let first = set.clone() * (2 * root) + self.expert_ids.clone().div_scalar(root);
+        let second = set * (2 * root) + root + self.expert_ids.remainder_scalar(root);
+        let keys = [(float_primitive(self.sub_keys.clone()).expect("f32 sub-keys"), 0)];
+        let weights = float_primitive(grad_scores.clone()).expect("f32 score gradient");
+        let mut grad_queries = Vec::new();
+        let mut grad_keys = Tensor::<2>::zeros(self.sub_keys.dims(), &device);
+        for (index, sub_key_rows) in [first, second].into_iter().enumerate() {
+            let ids = int_primitive(sub_key_rows.clone()).expect("i32 ids");
+            grad_queries.push(Tensor::<2>::from_primitive::<Cube>(weighted(&keys, &weights, &ids, half, &device)));
+            let query_half = float_primitive(self.queries.clone().narrow(1, index * half, half)).expect("f32 queries");
+            let lists = SlotLists::of(sub_key_rows, &device).expect("i32 ids");
+            let sums = lists.row_sums(grad_scores.clone(), &query_half, half).expect("f32 score gradient");
+            grad_keys = grad_keys.select_assign(0, lists.ids, sums, IndexingUpdateOp::Add);
+        }
+        vec![Some(Tensor::cat(grad_queries, 1)), Some(grad_keys)]
+    }
 }

@@ -104,12 +104,14 @@ pub(crate) fn retrieve(
     queries: Tensor<3>,
     sub_keys: Tensor<4>,
 ) -> (Tensor<3>, Tensor<3, Int>) {
-    if let (Family::FlexHost, false) = (family(&queries.device()), queries.is_autodiff())
-        && let Some(found) = host::retrieve(product_keys, &queries, &sub_keys)
-    {
-        return found;
-    }
-    tensor_ops::retrieve(queries, sub_keys, product_keys.top_k)
+    let found = match (family(&queries.device()), queries.is_autodiff() || sub_keys.is_autodiff()) {
+        (Family::FlexHost, false) => host::retrieve(product_keys, &queries, &sub_keys),
+        (Family::Cube, true) if custom_op::supported(&queries) => {
+            cube::retrieve_tracked(queries.clone(), sub_keys.clone(), product_keys.top_k)
+        }
+        _ => None,
+    };
+    found.unwrap_or_else(|| tensor_ops::retrieve(queries, sub_keys, product_keys.top_k))
 }
 
 /// The expert balance sum `Σ_s Σ_r p₁(s, r)ᵀ F_s p₂(s, r)`: `p₁`, `p₂` the softmax over each
