@@ -133,12 +133,14 @@ impl Experts {
     /// - `x`: `[tokens, d_model]`, `expert_ids`, `router_weights`: `[tokens, m]`
     /// - output: `[tokens, d_model]`
     pub fn forward_row_sparse(&self, x: Tensor<2>, expert_ids: Tensor<2, Int>, router_weights: Tensor<2>) -> Tensor<2> {
-        let output = self.forward_detached(x.clone(), expert_ids.clone(), router_weights.clone());
+        let (output, pre_activation) =
+            kernels::experts_forward(self, x.clone(), expert_ids.clone(), router_weights.clone());
         let backward = ExpertsBackward {
             experts: self.clone(),
             x: x.clone().inner(),
             expert_ids: expert_ids.inner(),
             router_weights: router_weights.clone().inner(),
+            pre_activation,
         };
         custom_op::record([x, router_weights, self.down.anchor()], output, Box::new(backward))
     }
@@ -152,7 +154,7 @@ impl Experts {
     /// - `x`: `[tokens, d_model]`, `expert_ids`, `router_weights`: `[tokens, m]`
     /// - output: `[tokens, d_model]`
     pub fn forward_detached(&self, x: Tensor<2>, expert_ids: Tensor<2, Int>, router_weights: Tensor<2>) -> Tensor<2> {
-        kernels::experts_forward(self, x, expert_ids, router_weights)
+        kernels::experts_forward(self, x, expert_ids, router_weights).0
     }
 
     /// The vector-Jacobian product of [`forward_detached`](Self::forward_detached): given
@@ -174,7 +176,7 @@ impl Experts {
         router_weights: Tensor<2>,
         grad_output: Tensor<2>,
     ) -> ExpertGradients {
-        kernels::experts_backward(self, x, expert_ids, router_weights, grad_output)
+        kernels::experts_backward(self, x, expert_ids, router_weights, grad_output, None)
     }
 }
 
@@ -184,11 +186,20 @@ struct ExpertsBackward {
     x: Tensor<2>,
     expert_ids: Tensor<2, Int>,
     router_weights: Tensor<2>,
+    /// `a = u·x`, where the device family kept it.
+    pre_activation: Option<Tensor<2>>,
 }
 
 impl Vjp for ExpertsBackward {
     fn backward(self: Box<Self>, grad_output: Tensor<2>) -> Vec<Option<Tensor<2>>> {
-        let grads = self.experts.backward_detached(self.x, self.expert_ids, self.router_weights, grad_output);
+        let grads = kernels::experts_backward(
+            &self.experts,
+            self.x,
+            self.expert_ids,
+            self.router_weights,
+            grad_output,
+            self.pre_activation,
+        );
         expert_updates::deposit(&self.experts, grads.rows);
         vec![Some(grads.x), Some(grads.router_weights), None]
     }

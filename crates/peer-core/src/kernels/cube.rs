@@ -365,33 +365,35 @@ fn weighted(
     out
 }
 
-/// Eq. 5 by the kernels: `a = u·x`, `h = g σ(a)` (tensor ops), `y = Σ h v`. `None` where the
-/// tensors cannot go to the kernels.
+/// Eq. 5 by the kernels: `a = u·x`, `h = g σ(a)` (tensor ops), `y = Σ h v`; returns y and a
+/// (for the backward pass). `None` where the tensors cannot go to the kernels.
 pub(crate) fn experts_forward(
     experts: &Experts,
     x: &Tensor<2>,
     expert_ids: &Tensor<2, Int>,
     router_weights: &Tensor<2>,
-) -> Option<Tensor<2>> {
+) -> Option<(Tensor<2>, Tensor<2>)> {
     let device = x.device();
     let [_, d_model] = x.dims();
     let (down, up) = (blocks(&experts.down)?, blocks(&experts.up)?);
     let (xs, ids) = (float_primitive(x.clone())?, int_primitive(expert_ids.clone())?);
     let pre_activation = Tensor::<2>::from_primitive::<Cube>(dots(&down, &xs, &ids, &device));
-    let hidden = experts.activation.apply(pre_activation) * router_weights.clone();
+    let hidden = experts.activation.apply(pre_activation.clone()) * router_weights.clone();
     let hidden = float_primitive(hidden)?;
-    Some(Tensor::from_primitive::<Cube>(weighted(&up, &hidden, &ids, d_model, &device)))
+    Some((Tensor::from_primitive::<Cube>(weighted(&up, &hidden, &ids, d_model, &device)), pre_activation))
 }
 
 /// The experts' vector-Jacobian product by the kernels (see [`Experts::backward_detached`]):
 /// `dh = v·dy`, `dg = σ(a) dh`, `da = g σ'(a) dh`, `dx = Σ da u`, and the row gradients
-/// `du = Σ da x`, `dv = Σ g σ(a) dy` over each distinct expert's slots.
+/// `du = Σ da x`, `dv = Σ g σ(a) dy` over each distinct expert's slots. `a` is recomputed
+/// unless the forward pass kept it (`pre_activation`).
 pub(crate) fn experts_backward(
     experts: &Experts,
     x: &Tensor<2>,
     expert_ids: &Tensor<2, Int>,
     router_weights: &Tensor<2>,
     grad_output: &Tensor<2>,
+    pre_activation: Option<Tensor<2>>,
 ) -> Option<ExpertGradients> {
     let device = x.device();
     let [_, d_model] = x.dims();
@@ -399,7 +401,10 @@ pub(crate) fn experts_backward(
     let (xs, ids) = (float_primitive(x.clone())?, int_primitive(expert_ids.clone())?);
     let dys = float_primitive(grad_output.clone())?;
 
-    let a = Tensor::<2>::from_primitive::<Cube>(dots(&down, &xs, &ids, &device));
+    let a = match pre_activation {
+        Some(a) => a,
+        None => Tensor::<2>::from_primitive::<Cube>(dots(&down, &xs, &ids, &device)),
+    };
     let dh = Tensor::<2>::from_primitive::<Cube>(dots(&up, &dys, &ids, &device));
     let g = router_weights.clone();
     let sigma = experts.activation.apply(a.clone());

@@ -132,38 +132,38 @@ pub(crate) fn expert_balance(
     tensor_ops::expert_balance(scores_1, scores_2, picks, per_set)
 }
 
-/// Eq. 5 without autodiff (inputs may be tracked; the output is not).
+/// Eq. 5 without autodiff (inputs may be tracked; the output is not), and the pre-activations
+/// `a = u·x` (`[tokens, m]`) where the family keeps them for [`experts_backward`].
 pub(crate) fn experts_forward(
     experts: &Experts,
     x: Tensor<2>,
     expert_ids: Tensor<2, Int>,
     router_weights: Tensor<2>,
-) -> Tensor<2> {
+) -> (Tensor<2>, Option<Tensor<2>>) {
     let (x, expert_ids, router_weights) = (x.inner(), expert_ids.inner(), router_weights.inner());
     let done = match family(&x.device()) {
-        Family::FlexHost => host::experts_forward(experts, &x, &expert_ids, &router_weights),
-        Family::Cube => cube::experts_forward(experts, &x, &expert_ids, &router_weights),
+        Family::FlexHost => host::experts_forward(experts, &x, &expert_ids, &router_weights).map(|y| (y, None)),
+        Family::Cube => cube::experts_forward(experts, &x, &expert_ids, &router_weights).map(|(y, a)| (y, Some(a))),
         Family::TensorOps => None,
     };
-    if let Some(output) = done {
-        return output;
-    }
-    tensor_ops::experts_forward(experts, x, expert_ids, router_weights)
+    done.unwrap_or_else(|| (tensor_ops::experts_forward(experts, x, expert_ids, router_weights), None))
 }
 
-/// The vector-Jacobian product of [`experts_forward`]: dL/dx, dL/dg and the row gradients.
+/// The vector-Jacobian product of [`experts_forward`]: dL/dx, dL/dg and the row gradients;
+/// `pre_activation` what the forward pass kept, if anything.
 pub(crate) fn experts_backward(
     experts: &Experts,
     x: Tensor<2>,
     expert_ids: Tensor<2, Int>,
     router_weights: Tensor<2>,
     grad_output: Tensor<2>,
+    pre_activation: Option<Tensor<2>>,
 ) -> ExpertGradients {
     let (x, expert_ids) = (x.inner(), expert_ids.inner());
     let (router_weights, grad_output) = (router_weights.inner(), grad_output.inner());
     let done = match family(&x.device()) {
         Family::FlexHost => host::experts_backward(experts, &x, &expert_ids, &router_weights, &grad_output),
-        Family::Cube => cube::experts_backward(experts, &x, &expert_ids, &router_weights, &grad_output),
+        Family::Cube => cube::experts_backward(experts, &x, &expert_ids, &router_weights, &grad_output, pre_activation),
         Family::TensorOps => None,
     };
     if let Some(grads) = done {
