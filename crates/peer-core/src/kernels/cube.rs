@@ -39,6 +39,31 @@ const CUBE_THREADS: u32 = 256;
 mod kernels {
     use cubecl::prelude::*;
 
+    /// The slots of token t (`ids[t, 0..m]`) whose expert lies in this block (rows
+    /// `first..first + block_rows` of the table), in slot order: their rows within the block
+    /// and their slot indices. Returns how many; run by one thread of the cube.
+    #[cube]
+    fn list_block_slots<I: Int>(
+        ids: &Tensor<I>,
+        t: usize,
+        first: usize,
+        block_rows: usize,
+        rows: &mut Shared<[u32]>,
+        slots: &mut Shared<[u32]>,
+        #[comptime] m: usize,
+    ) -> u32 {
+        let mut n = 0usize;
+        for j in 0..m {
+            let id = usize::cast_from(ids[t * ids.stride(0) + j * ids.stride(1)]);
+            if id >= first && id < first + block_rows {
+                rows[n] = (id - first) as u32;
+                slots[n] = j as u32;
+                n += 1;
+            }
+        }
+        n as u32
+    }
+
     /// Expert-row dot products, one cube per token t: `out[t, j] = Σ_c table[ids[t, j] −
     /// first_row, c] · vectors[t, c]` for the slots whose expert lies in this block (rows
     /// `first_row..first_row + rows`). The token's vector goes to shared memory and the first
@@ -67,18 +92,7 @@ mod kernels {
         let mut slots = Shared::<[u32]>::new_slice(m);
         let mut listed = Shared::<[u32]>::new_slice(1usize);
         if UNIT_POS_X == 0 {
-            let first = first_row as usize;
-            let block_rows = table.shape(0);
-            let mut n = 0usize;
-            for j in 0..m {
-                let id = usize::cast_from(ids[t * ids.stride(0) + j * ids.stride(1)]);
-                if id >= first && id < first + block_rows {
-                    rows[n] = (id - first) as u32;
-                    slots[n] = j as u32;
-                    n += 1;
-                }
-            }
-            listed[0] = n as u32;
+            listed[0] = list_block_slots::<I>(ids, t, first_row as usize, table.shape(0), &mut rows, &mut slots, m);
         }
         sync_cube();
         let n = listed[0] as usize;
@@ -113,21 +127,15 @@ mod kernels {
     ) {
         let t = CUBE_POS_X as usize;
         let mut rows = Shared::<[u32]>::new_slice(m);
+        let mut slots = Shared::<[u32]>::new_slice(m);
         let mut coefficients = Shared::<[F]>::new_slice(m);
         let mut listed = Shared::<[u32]>::new_slice(1usize);
         if UNIT_POS_X == 0 {
-            let first = first_row as usize;
-            let block_rows = table.shape(0);
-            let mut n = 0usize;
-            for j in 0..m {
-                let id = usize::cast_from(ids[t * ids.stride(0) + j * ids.stride(1)]);
-                if id >= first && id < first + block_rows {
-                    rows[n] = (id - first) as u32;
-                    coefficients[n] = weights[t * weights.stride(0) + j * weights.stride(1)];
-                    n += 1;
-                }
+            let n = list_block_slots::<I>(ids, t, first_row as usize, table.shape(0), &mut rows, &mut slots, m);
+            for p in 0..n as usize {
+                coefficients[p] = weights[t * weights.stride(0) + slots[p] as usize * weights.stride(1)];
             }
-            listed[0] = n as u32;
+            listed[0] = n;
         }
         sync_cube();
         let n = listed[0] as usize;
@@ -292,7 +300,8 @@ fn i32_type() -> ElemType {
 /// Threads per cube of the per-token kernels.
 const TOKEN_THREADS: u32 = 64;
 
-/// One cube per token (a 2-d grid past the adapter's per-dimension cube count).
+/// One cube per token (a 1-d grid: the adapter's per-dimension cube count bounds the tokens
+/// of one call).
 fn per_token(tokens: usize) -> CubeCount {
     CubeCount::Static(tokens as u32, 1, 1)
 }

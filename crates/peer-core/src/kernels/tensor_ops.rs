@@ -249,7 +249,7 @@ pub(crate) fn touched_rows(expert_ids: Tensor<1, Int>, num_experts: usize) -> To
 /// Inclusive prefix sum. CPU backends have a native `cumsum`; CubeCL's takes time quadratic in
 /// the length (50 s for 2²⁰ entries on Mesa's driver), so GPU backends add shifted copies in
 /// log₂(n) steps (Hillis–Steele) instead.
-pub(crate) fn prefix_sum(x: Tensor<1, Int>) -> Tensor<1, Int> {
+fn prefix_sum(x: Tensor<1, Int>) -> Tensor<1, Int> {
     if is_cpu_backend(&x.device()) {
         return x.cumsum(0);
     }
