@@ -2,25 +2,25 @@
 //! compile for CUDA), read in place through Burn's `extension` feature.
 //!
 //! Composed of tensor ops, the experts gather `[tokens · m, d_model]` rows twice per pass, form
-//! outer products of that size in the backward pass and scatter them into the distinct rows;
-//! wgpu caps each of those buffers, so they go in 64 MiB blocks. Here the experts are four small
-//! kernels that never form a `[tokens · m, d_model]` value:
+//! outer products of that size in the backward pass and scatter them into the distinct rows.
+//! Here they are three small kernels that never form a `[tokens · m, d_model]` value:
 //!
-//! - [`slot_dots`]: one thread per retrieved slot `(t, j)`, the dot product of expert row
-//!   `ids[t, j]` with token t's vector (`a = u·x` forward, `v·dy` backward);
-//! - [`weighted_rows`]: one thread per output element `(t, c)`, `Σ_j w[t, j] · row(ids[t, j])[c]`
-//!   (`y = Σ h v` forward, `dx = Σ da u` backward);
-//! - [`fill_slot_lists`] and [`row_sums`]: the row gradients grouped by distinct expert, as a
-//!   compressed list of each expert's slots (integer atomics place the slots, which every
-//!   adapter has) and one thread per gradient element summing its expert's slots.
+//! - [`slot_dots`]: one cube per token, the dot products of the token's vector (in shared
+//!   memory) with the expert rows of its slots (`a = u·x` forward, `v·dy` backward);
+//! - [`weighted_rows`]: one cube per token, `Σ_j w[t, j] · row(ids[t, j])` with the threads
+//!   over the columns (`y = Σ h v` forward, `dx = Σ da u` backward);
+//! - [`row_sums`]: one thread per row-gradient element, summing the slots of its distinct
+//!   expert from a grouping of the slots made on the host ([`SlotsByExpert`]).
 //!
 //! Activations, router weights and the small `[tokens, m]` products stay Burn tensor ops, so
 //! each equation has one definition. None of the kernels uses plane (subgroup) operations or
-//! float atomics, which CPU adapters such as Mesa's llvmpipe lack, and none needs a barrier.
+//! float atomics, which CPU adapters such as Mesa's llvmpipe lack; the per-token kernels have
+//! one barrier, reached by every thread. Grids are spread over three dimensions ([`cube_count`]):
+//! wgpu allows 65,535 cubes per dimension, fewer than the tokens or gradient elements of a step.
 //!
-//! Tables in row blocks take one launch per block: a thread whose expert lives in another block
-//! leaves its outputs to that block's launch. Tensors that are not f32 (ids not i32) fall back
-//! to tensor ops.
+//! Tables in row blocks take one launch per block: a slot whose expert lives in another block
+//! is left to that block's launch. Tensors that are not f32 (ids not i32) fall back to tensor
+//! ops.
 
 use burn::backend::Cube;
 use burn::backend::wgpu::CubeTensor;
@@ -81,10 +81,12 @@ mod kernels {
         #[comptime] m: usize,
         #[define(F, I)] _dtypes: [ElemType; 2],
     ) {
-        let t = CUBE_POS_X as usize;
+        // Cubes past the last token (the grid is rounded up) list no slot.
+        let t = CUBE_POS;
+        let live = t < ids.shape(0);
         let mut vector = Shared::<[F]>::new_slice(width);
         let mut c = UNIT_POS_X as usize;
-        while c < width {
+        while live && c < width {
             vector[c] = vectors[t * vectors.stride(0) + c * vectors.stride(1)];
             c += CUBE_DIM_X as usize;
         }
@@ -92,7 +94,10 @@ mod kernels {
         let mut slots = Shared::<[u32]>::new_slice(m);
         let mut listed = Shared::<[u32]>::new_slice(1usize);
         if UNIT_POS_X == 0 {
-            listed[0] = list_block_slots::<I>(ids, t, first_row as usize, table.shape(0), &mut rows, &mut slots, m);
+            listed[0] = 0;
+            if live {
+                listed[0] = list_block_slots::<I>(ids, t, first_row as usize, table.shape(0), &mut rows, &mut slots, m);
+            }
         }
         sync_cube();
         let n = listed[0] as usize;
@@ -125,23 +130,27 @@ mod kernels {
         #[comptime] m: usize,
         #[define(F, I)] _dtypes: [ElemType; 2],
     ) {
-        let t = CUBE_POS_X as usize;
+        // Cubes past the last token (the grid is rounded up) list no slot.
+        let t = CUBE_POS;
         let mut rows = Shared::<[u32]>::new_slice(m);
         let mut slots = Shared::<[u32]>::new_slice(m);
         let mut coefficients = Shared::<[F]>::new_slice(m);
         let mut listed = Shared::<[u32]>::new_slice(1usize);
         if UNIT_POS_X == 0 {
-            let n = list_block_slots::<I>(ids, t, first_row as usize, table.shape(0), &mut rows, &mut slots, m);
-            for p in 0..n as usize {
-                coefficients[p] = weights[t * weights.stride(0) + slots[p] as usize * weights.stride(1)];
+            listed[0] = 0;
+            if t < ids.shape(0) {
+                let n = list_block_slots::<I>(ids, t, first_row as usize, table.shape(0), &mut rows, &mut slots, m);
+                for p in 0..n as usize {
+                    coefficients[p] = weights[t * weights.stride(0) + slots[p] as usize * weights.stride(1)];
+                }
+                listed[0] = n;
             }
-            listed[0] = n;
         }
         sync_cube();
         let n = listed[0] as usize;
         let width = out.shape(1);
         let mut c = UNIT_POS_X as usize;
-        while c < width {
+        while t < ids.shape(0) && c < width {
             let mut acc = F::new(0.0);
             for p in 0..n {
                 acc += coefficients[p] * table[rows[p] as usize * table.stride(0) + c * table.stride(1)];
@@ -253,7 +262,7 @@ impl SlotLists {
         let coefficients = float_primitive(coefficients.reshape([rows * m]))?;
         let [distinct] = self.ids.dims();
         let out = float_primitive(Tensor::<2>::zeros([distinct, width], &device))?;
-        let (count, dim) = grid(distinct * width);
+        let (count, dim) = grid(&out, distinct * width);
         row_sums::launch(
             &out.client,
             count,
@@ -300,16 +309,35 @@ fn i32_type() -> ElemType {
 /// Threads per cube of the per-token kernels.
 const TOKEN_THREADS: u32 = 64;
 
-/// One cube per token (a 1-d grid: the adapter's per-dimension cube count bounds the tokens
-/// of one call).
-fn per_token(tokens: usize) -> CubeCount {
-    CubeCount::Static(tokens as u32, 1, 1)
+/// `cubes` cubes spread over the grid's three dimensions within the adapter's per-dimension
+/// limit; the kernels number cubes by `CUBE_POS` and skip the positions past their work.
+fn cube_count(like: &CubeTensor, cubes: usize) -> CubeCount {
+    let limit = like.client.properties().hardware.max_cube_count.0;
+    #[cfg(test)]
+    let limit = tests::GRID_LIMIT.with(|test_limit| test_limit.get()).unwrap_or(limit);
+    let [x, y, z] = spread(cubes, limit);
+    CubeCount::Static(x, y, z)
 }
 
-/// A 1-d launch of `threads` threads.
-fn grid(threads: usize) -> (CubeCount, CubeDim) {
-    let cubes = threads.div_ceil(CUBE_THREADS as usize).max(1) as u32;
-    (CubeCount::Static(cubes, 1, 1), CubeDim::new_1d(CUBE_THREADS))
+/// The smallest `x · y · z ≥ cubes` grid (x filled first) with each side at most `limit`.
+fn spread(cubes: usize, limit: u32) -> [u32; 3] {
+    let limit = limit.max(1) as usize;
+    let x = cubes.clamp(1, limit);
+    let rest = cubes.div_ceil(x).max(1);
+    let y = rest.min(limit);
+    let z = rest.div_ceil(y);
+    assert!(z <= limit, "a launch of {cubes} cubes exceeds the adapter's grid of {limit}³ cubes");
+    [x as u32, y as u32, z as u32]
+}
+
+/// One cube per token.
+fn per_token(like: &CubeTensor, tokens: usize) -> CubeCount {
+    cube_count(like, tokens)
+}
+
+/// A launch of `threads` threads, [`CUBE_THREADS`] per cube.
+fn grid(like: &CubeTensor, threads: usize) -> (CubeCount, CubeDim) {
+    (cube_count(like, threads.div_ceil(CUBE_THREADS as usize)), CubeDim::new_1d(CUBE_THREADS))
 }
 
 /// The tables' blocks without autodiff, each with its first row.
@@ -331,7 +359,7 @@ fn dots(table: &[(CubeTensor, u32)], vectors: &CubeTensor, ids: &CubeTensor, dev
     for (block, first_row) in table {
         slot_dots::launch(
             &out.client,
-            per_token(tokens),
+            per_token(&out, tokens),
             CubeDim::new_1d(TOKEN_THREADS),
             block.clone().into_tensor_arg(),
             vectors.clone().into_tensor_arg(),
@@ -360,7 +388,7 @@ fn weighted(
     for (block, first_row) in table {
         weighted_rows::launch(
             &out.client,
-            per_token(tokens),
+            per_token(&out, tokens),
             CubeDim::new_1d(TOKEN_THREADS),
             block.clone().into_tensor_arg(),
             weights.clone().into_tensor_arg(),
@@ -512,5 +540,98 @@ impl Vjp for RetrievalBackward {
             grad_keys = grad_keys.select_assign(0, lists.ids, sums, IndexingUpdateOp::Add);
         }
         vec![Some(Tensor::cat(grad_queries, 1)), Some(grad_keys)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
+
+    use super::spread;
+    use crate::{PeerConfig, take_row_gradients};
+
+    thread_local! {
+        /// A per-dimension cube limit that replaces the adapter's on this thread, so that small
+        /// launches are spread over all three grid dimensions.
+        pub(super) static GRID_LIMIT: Cell<Option<u32>> = const { Cell::new(None) };
+    }
+
+    #[test]
+    fn spread_covers_every_cube_within_the_limit() {
+        for limit in [1u32, 2, 3, 10, 65_535] {
+            for cubes in (0..1_200).chain([65_535, 65_536, 1 << 20, 3 << 30]) {
+                let cap = (limit as usize).pow(3);
+                if cubes > cap {
+                    continue;
+                }
+                let [x, y, z] = spread(cubes, limit);
+                let (x, y, z) = (x as usize, y as usize, z as usize);
+                assert!(x <= limit as usize && y <= limit as usize && z <= limit as usize, "{cubes} over {limit}");
+                assert!(x * y * z >= cubes.max(1), "{cubes} cubes, limit {limit}: {x}×{y}×{z}");
+                // Rounded up by less than one x·y layer (and less than one row of x within it).
+                assert!(x * y * z < cubes.max(1) + x * y, "{cubes} cubes, limit {limit}: {x}×{y}×{z}");
+                if cubes <= limit as usize {
+                    assert_eq!((y, z), (1, 1), "{cubes} cubes fit one dimension of {limit}");
+                }
+            }
+        }
+    }
+
+    /// The wgpu device (under `CI=true` a missing adapter fails instead of skipping).
+    fn wgpu() -> Option<Device> {
+        let device = Device::wgpu(DeviceKind::DefaultDevice);
+        let probe = device.clone();
+        let works = std::panic::catch_unwind(move || Tensor::<1>::ones([4], &probe).sum().into_scalar::<f32>() == 4.0)
+            .unwrap_or(false);
+        if !works && std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but wgpu found no working adapter: install mesa-vulkan-drivers libvulkan1");
+        }
+        works.then_some(device)
+    }
+
+    /// Every output of one training step of a layer, as host values.
+    fn step_values(peer: &crate::Peer, x: &Tensor<3>) -> Vec<Vec<f32>> {
+        let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        let x = x.clone().require_grad();
+        let (y, _) = peer.forward_with_routing(x.clone());
+        let [batch, seq, d_model] = y.dims();
+        let grads = (y.clone() * y.clone()).sum().backward();
+        let rows = take_row_gradients(&peer.experts).expect("row gradients");
+        let sub_keys = peer.product_keys.sub_keys.grad(&grads).unwrap();
+        let [a, b, c, d] = sub_keys.dims();
+        vec![
+            values(y.inner().reshape([batch * seq, d_model])),
+            values(x.grad(&grads).unwrap().reshape([batch * seq, d_model])),
+            values(sub_keys.reshape([a * b * c, d])),
+            values(rows.down),
+            values(rows.up),
+        ]
+    }
+
+    /// A grid spread over three dimensions computes exactly what a one-dimensional one does:
+    /// every kernel numbers its cubes by `CUBE_POS` and skips the cubes past its work.
+    #[test]
+    fn spread_grids_compute_the_same_step() {
+        let Some(device) = wgpu() else {
+            eprintln!("SKIPPED: no wgpu adapter on this machine (set CI=true to fail instead)");
+            return;
+        };
+        let device = device.autodiff();
+        let peer = PeerConfig::new(16, 32 * 32).with_heads(4).with_top_k(6).with_key_dim(12).init(&device);
+        // 210 tokens, 840 retrieval rows: with 10 cubes per dimension the per-token launches
+        // take all three dimensions, the row sums two.
+        let x = Tensor::<3>::random([3, 70, 16], Distribution::Normal(0.0, 1.0), &device);
+        let one_dimensional = step_values(&peer, &x);
+        GRID_LIMIT.with(|limit| limit.set(Some(10)));
+        let spread = step_values(&peer, &x);
+        GRID_LIMIT.with(|limit| limit.set(None));
+        for (what, (a, b)) in
+            ["output", "dx", "sub-keys", "down rows", "up rows"].iter().zip(one_dimensional.iter().zip(&spread))
+        {
+            assert!(a.iter().any(|v| *v != 0.0), "{what}: all zero");
+            assert_eq!(a, b, "{what}: a spread grid changed the result");
+        }
     }
 }
