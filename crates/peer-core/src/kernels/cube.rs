@@ -132,13 +132,14 @@ mod kernels {
     ) {
         // Cubes past the last token (the grid is rounded up) list no slot.
         let t = CUBE_POS;
+        let live = t < ids.shape(0);
         let mut rows = Shared::<[u32]>::new_slice(m);
         let mut slots = Shared::<[u32]>::new_slice(m);
         let mut coefficients = Shared::<[F]>::new_slice(m);
         let mut listed = Shared::<[u32]>::new_slice(1usize);
         if UNIT_POS_X == 0 {
             listed[0] = 0;
-            if t < ids.shape(0) {
+            if live {
                 let n = list_block_slots::<I>(ids, t, first_row as usize, table.shape(0), &mut rows, &mut slots, m);
                 for p in 0..n as usize {
                     coefficients[p] = weights[t * weights.stride(0) + slots[p] as usize * weights.stride(1)];
@@ -150,7 +151,7 @@ mod kernels {
         let n = listed[0] as usize;
         let width = out.shape(1);
         let mut c = UNIT_POS_X as usize;
-        while t < ids.shape(0) && c < width {
+        while live && c < width {
             let mut acc = F::new(0.0);
             for p in 0..n {
                 acc += coefficients[p] * table[rows[p] as usize * table.stride(0) + c * table.stride(1)];
@@ -319,7 +320,8 @@ fn cube_count(like: &CubeTensor, cubes: usize) -> CubeCount {
     CubeCount::Static(x, y, z)
 }
 
-/// The smallest `x · y · z ≥ cubes` grid (x filled first) with each side at most `limit`.
+/// A grid of `x · y · z ≥ cubes` cubes with each side at most `limit`, x filled first, then y,
+/// then z (rounded up by less than one `x · y` layer).
 fn spread(cubes: usize, limit: u32) -> [u32; 3] {
     let limit = limit.max(1) as usize;
     let x = cubes.clamp(1, limit);
@@ -328,11 +330,6 @@ fn spread(cubes: usize, limit: u32) -> [u32; 3] {
     let z = rest.div_ceil(y);
     assert!(z <= limit, "a launch of {cubes} cubes exceeds the adapter's grid of {limit}³ cubes");
     [x as u32, y as u32, z as u32]
-}
-
-/// One cube per token.
-fn per_token(like: &CubeTensor, tokens: usize) -> CubeCount {
-    cube_count(like, tokens)
 }
 
 /// A launch of `threads` threads, [`CUBE_THREADS`] per cube.
@@ -359,7 +356,7 @@ fn dots(table: &[(CubeTensor, u32)], vectors: &CubeTensor, ids: &CubeTensor, dev
     for (block, first_row) in table {
         slot_dots::launch(
             &out.client,
-            per_token(&out, tokens),
+            cube_count(&out, tokens),
             CubeDim::new_1d(TOKEN_THREADS),
             block.clone().into_tensor_arg(),
             vectors.clone().into_tensor_arg(),
@@ -388,7 +385,7 @@ fn weighted(
     for (block, first_row) in table {
         weighted_rows::launch(
             &out.client,
-            per_token(&out, tokens),
+            cube_count(&out, tokens),
             CubeDim::new_1d(TOKEN_THREADS),
             block.clone().into_tensor_arg(),
             weights.clone().into_tensor_arg(),
@@ -570,7 +567,7 @@ mod tests {
                 let (x, y, z) = (x as usize, y as usize, z as usize);
                 assert!(x <= limit as usize && y <= limit as usize && z <= limit as usize, "{cubes} over {limit}");
                 assert!(x * y * z >= cubes.max(1), "{cubes} cubes, limit {limit}: {x}×{y}×{z}");
-                // Rounded up by less than one x·y layer (and less than one row of x within it).
+                // Rounded up by less than one x·y layer.
                 assert!(x * y * z < cubes.max(1) + x * y, "{cubes} cubes, limit {limit}: {x}×{y}×{z}");
                 if cubes <= limit as usize {
                     assert_eq!((y, z), (1, 1), "{cubes} cubes fit one dimension of {limit}");
