@@ -151,6 +151,12 @@ fn bad_inputs_get_one_line_errors() {
     let o = train(&["--config", invalid_path.to_str().unwrap(), "--corpus", corpus.to_str().unwrap()]);
     assert_clean_error(&o, &["num_experts", "perfect square"]);
 
+    let mut invalid: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    invalid["key_weight_decay"] = serde_json::json!(-0.5);
+    std::fs::write(&invalid_path, invalid.to_string()).unwrap();
+    let o = train(&["--config", invalid_path.to_str().unwrap(), "--corpus", corpus.to_str().unwrap()]);
+    assert_clean_error(&o, &["key_weight_decay", "must be finite and non-negative, got -0.5"]);
+
     let o = run(peer().args(["generate", "--checkpoint"]).arg(dir.join("no-model")));
     assert_clean_error(&o, &["checkpoint.json", "does not exist"]);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -235,12 +241,15 @@ fn a_killed_run_resumes_where_it_stopped() {
         "sub-keys used per head",
         "selection unevenness",
         "sub-key norms",
+        "the 10 most frequent input tokens",
     ] {
         assert!(stdout.contains(line), "eval prints {line:?}: {stdout}");
     }
     let evaluation: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("evaluation.json")).unwrap()).unwrap();
     assert!(evaluation["routing"][0]["report"]["usage"].as_f64().is_some(), "{evaluation}");
+    let frequent = &evaluation["routing"][0]["frequent_tokens"];
+    assert_eq!(frequent["tokens"].as_array().map(Vec::len), Some(10), "{evaluation}");
     let png = std::fs::read(model.join("expert_load.png")).expect("the load chart is drawn");
     assert!(png.starts_with(b"\x89PNG"));
     let generate = |seed: &str| {

@@ -6,7 +6,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use burn::module::Module;
 use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
 use clap::Args;
-use peer::core::{DenseFfwConfig, Peer, PeerConfig, QueryNorm, set_gpu_kernels, take_row_gradients};
+use peer::core::{DenseFfwConfig, KeyScoring, Peer, PeerConfig, QueryNorm, set_gpu_kernels, take_row_gradients};
 use serde::Serialize;
 
 use crate::harness::{Chart, PeakMemory, Repeats, Report, Timing, bytes, draw_charts, si, time};
@@ -47,9 +47,10 @@ impl LayerArgs {
             .with_top_k(self.top_k)
             .with_key_dim(self.key_dim)
             .with_query_norm(QueryNorm::BatchNorm)
-            // The paper's retrieval (one shared key set, no balance loss), as PEER-pytorch's
+            // The paper's retrieval (one shared key set, inner products, no balance loss), as PEER-pytorch's
             // layer benchmarks and the figures in the README were measured.
             .with_shared_keys(true)
+            .with_scoring(KeyScoring::Dot)
             .with_balance_loss(0.0)
     }
 

@@ -9,7 +9,8 @@ use burn::tensor::{Device, Distribution, Tensor};
 use burn::train::TrainStep;
 use clap::Args;
 use peer::core::{
-    DenseFfwConfig, MoeConfig, MoeRouting, PeerConfig, PkmConfig, QueryNorm, RoutingReport, take_row_gradients,
+    DenseFfwConfig, KeyScoring, MoeConfig, MoeRouting, PeerConfig, PkmConfig, QueryNorm, RoutingReport,
+    take_row_gradients,
 };
 use peer::model::{FeedForwardConfig, Transformer, TransformerConfig};
 use peer::train::corpus::{Corpus, bundled_corpus};
@@ -705,6 +706,7 @@ fn measure_scaling(args: &ScalingArgs, device: &Device, mode: &str, root: usize)
         .with_query_norm(QueryNorm::BatchNorm)
         // The paper's retrieval, as the README's scaling figures were measured.
         .with_shared_keys(true)
+        .with_scoring(KeyScoring::Dot)
         .with_balance_loss(0.0);
     let config = TransformerConfig::dense(vocab, args.d_model, 4, 4, args.seq_len, 4 * args.d_model)
         .with_middle_block(FeedForwardConfig::Peer(peer_config));

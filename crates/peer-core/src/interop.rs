@@ -21,7 +21,7 @@ use burn::module::Param;
 use burn::tensor::{Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::config::{Activation, Gate};
+use crate::config::{Activation, Gate, KeyScoring};
 use crate::peer::Peer;
 
 /// Why PEER-pytorch weights could not be loaded.
@@ -49,10 +49,12 @@ pub enum InteropError {
 }
 
 /// Loads a PEER-pytorch state dict (SafeTensors) into `peer`, which must have per-head keys
-/// (`shared_keys = false`), no query norm, no query bias, GELU and softmax, and the same sizes.
+/// (`shared_keys = false`), inner-product scoring (`KeyScoring::Dot`), no query norm, no query
+/// bias, GELU and softmax, and the same sizes.
 pub fn load_peer_pytorch(mut peer: Peer, path: &Path) -> Result<Peer, InteropError> {
     let requirements = [
         (peer.product_keys.is_shared(), "shared_keys must be false (PEER-pytorch has one key set per head)"),
+        (peer.product_keys.scoring != KeyScoring::Dot, "scoring must be Dot (PEER-pytorch scores by inner products)"),
         (peer.query.batch_norm.is_some() || peer.query.layer_norm.is_some(), "query_norm must be None"),
         (peer.query.linear.bias.is_some(), "query_bias must be false"),
         (peer.experts.activation != Activation::Gelu, "activation must be Gelu"),

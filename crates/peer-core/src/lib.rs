@@ -78,4 +78,4 @@ pub use product_keys::{ProductKeys, ProductKeysConfig};
 pub use query::QueryNetwork;
 pub use sparse_adamw::{RowMoments, SparseAdamWConfig, SparseAdamWState};
 pub use table::{ExpertTable, GPU_BLOCK_BYTES, TableRows, block_rows, max_buffer_bytes};
-pub use usage::{ExpertUsage, RoutingReport, Spread};
+pub use usage::{ExpertUsage, FrequentTokens, RoutingReport, Spread, TokenLoad};

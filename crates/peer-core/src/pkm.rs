@@ -15,9 +15,10 @@ use crate::product_keys::{ProductKeys, ProductKeysConfig};
 use crate::query::{QueryNetwork, QueryNetworkSettings};
 
 /// Configuration of a [`Pkm`] layer. Defaults follow the paper's PKM baseline (8 heads,
-/// top-32, query BatchNorm) with the routing remedies of [`PeerConfig`](crate::PeerConfig):
-/// one sub-key set per head and an expert balance loss of weight 0.03; the paper's setting is
-/// `.with_shared_keys(true).with_balance_loss(0.0)`.
+/// top-32, query BatchNorm) with the first routing remedies measured for
+/// [`PeerConfig`](crate::PeerConfig): one sub-key set per head and an expert balance loss of
+/// weight 0.03 (PEER's later defaults, cosine scoring at weight 0.1, are not measured on PKM
+/// yet); the paper's setting is `.with_shared_keys(true).with_balance_loss(0.0)`.
 #[derive(Config, Debug, PartialEq)]
 pub struct PkmConfig {
     /// Input and output width.

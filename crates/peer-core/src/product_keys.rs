@@ -174,7 +174,9 @@ impl ProductKeys {
     /// - `Experts`: all N experts, softmax over all N keys, computed exactly in `O(√N·√N)` per
     ///   row through the product structure (`softmax(s₁(i) + s₂(j)) = softmax(s₁)(i) ·
     ///   softmax(s₂)(j)`, so the mean over rows is `P₁ᵀP₂ / rows`): it also penalises pairing
-    ///   the same sub-keys together.
+    ///   the same sub-keys together;
+    /// - `ExpertsPooled`: as `Experts`, with f counting the selections of all heads in every
+    ///   key set (the heads share the experts).
     ///
     /// The result is the mean over key sets, times the weight.
     ///
@@ -227,10 +229,21 @@ impl ProductKeys {
                 let share = count(picks, key_sets * 2 * root).reshape([key_sets, 2, root]).div_scalar(per_set);
                 (share.detach() * soft).sum().mul_scalar(root as f64 / (2 * key_sets) as f64)
             }
-            Balance::Experts => {
+            Balance::Experts | Balance::ExpertsPooled => {
                 // Σ_e f_e·P_e = (1/rows) Σ_r p₁(r)ᵀ F p₂(r) with F the [√N, √N] selection shares,
                 // summed over F's nonzero entries where a device family can (see kernels).
-                let picks = (set * (root * root) as i64 + expert_ids).reshape([slots]);
+                let n = (root * root) as i64;
+                let (picks, per_set) = if self.balance == Balance::ExpertsPooled && key_sets > 1 {
+                    // Every key set's F counts every head's selections.
+                    let all = expert_ids.reshape([1, slots]).expand([key_sets, slots]);
+                    let offset = Tensor::<1, Int>::arange(0..key_sets as i64, &device)
+                        .mul_scalar(n)
+                        .reshape([key_sets, 1])
+                        .expand([key_sets, slots]);
+                    ((all + offset).reshape([key_sets * slots]), slots as f64)
+                } else {
+                    ((set * n + expert_ids).reshape([slots]), per_set)
+                };
                 kernels::expert_balance(s1, s2, picks, per_set)
                     .mul_scalar((root * root) as f64 / (rows * key_sets) as f64)
             }

@@ -194,13 +194,6 @@ impl ExpertTable {
         blocks.map(|b| Tensor::cat(b, 0))
     }
 
-    /// A table of zeros with the same block layout, on the same device.
-    pub fn zeros_like(&self) -> Self {
-        let blocks = self.rows().blocks;
-        let device = blocks[0].device();
-        Self::from_params(blocks.iter().map(|b| Param::from_tensor(Tensor::zeros(b.dims(), &device))).collect())
-    }
-
     /// Replaces the value of this handle only (other clones keep the old table), keeping the
     /// block layout, the parameter ids and whether they require a gradient. `tensor` may live
     /// on the plain or the autodiff device.

@@ -1,6 +1,7 @@
 //! Routing statistics: the paper's expert usage and unevenness (§3.2, Table 2), and the
 //! diagnostics that tell a collapsed product-key router from a healthy one.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -275,6 +276,144 @@ impl ExpertUsage {
     pub fn sub_key_selections(&self) -> &[[Vec<u64>; 2]] {
         &self.sub_key_selections
     }
+}
+
+/// Which input tokens the busiest experts serve: selections counted per (input token, expert).
+///
+/// The top-1% share of an [`ExpertUsage`] says how concentrated the load is, not why. A token
+/// that occurs at a fraction p of the positions and retrieves nearly the same experts wherever
+/// it occurs puts about p of all selections on a few experts, whatever the keys do; this
+/// accumulator tells that apart from a router that prefers a few experts for every token
+/// ([`FrequentTokens`]).
+///
+/// Memory: one count per distinct (token, expert) pair seen (at most the selections).
+///
+/// ```
+/// use peer_core::TokenLoad;
+///
+/// let mut load = TokenLoad::new(100);
+/// // Four positions (tokens 5, 5, 5, 7), two selections each.
+/// load.add(&[5, 5, 5, 7], &[0, 1, 0, 1, 0, 2, 3, 4]);
+/// let frequent = load.frequent_tokens(1);
+/// assert_eq!(frequent.tokens, [5]);
+/// assert_eq!(frequent.top_1_percent_share_from_them, 1.0); // expert 0: only token 5 chose it
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenLoad {
+    num_experts: usize,
+    selections: HashMap<(u32, u32), u64>,
+    positions: HashMap<u32, u64>,
+}
+
+impl TokenLoad {
+    /// An empty accumulator for `num_experts` experts.
+    pub fn new(num_experts: usize) -> Self {
+        Self { num_experts, ..Self::default() }
+    }
+
+    /// Number of experts N.
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
+    /// Adds the selections of `tokens.len()` positions: position p holds input token
+    /// `tokens[p]` and retrieved `expert_ids[p·m .. (p+1)·m]`, m = `expert_ids.len() /
+    /// tokens.len()` (heads × k, as [`PeerRouting`] lays them out).
+    ///
+    /// # Panics
+    /// If `expert_ids` does not split evenly into the positions or an id is outside `0..N`.
+    pub fn add(&mut self, tokens: &[u32], expert_ids: &[i64]) {
+        if tokens.is_empty() {
+            assert!(expert_ids.is_empty(), "TokenLoad::add: {} expert ids for no positions", expert_ids.len());
+            return;
+        }
+        assert!(
+            expert_ids.len().is_multiple_of(tokens.len()),
+            "TokenLoad::add: {} expert ids do not split into {} positions",
+            expert_ids.len(),
+            tokens.len()
+        );
+        let per_position = expert_ids.len() / tokens.len();
+        for (&token, ids) in tokens.iter().zip(expert_ids.chunks(per_position.max(1))) {
+            *self.positions.entry(token).or_default() += 1;
+            for &id in ids {
+                let expert = u32::try_from(id)
+                    .ok()
+                    .filter(|&e| (e as usize) < self.num_experts)
+                    .unwrap_or_else(|| panic!("TokenLoad::add: expert id {id} outside 0..{}", self.num_experts));
+                *self.selections.entry((token, expert)).or_default() += 1;
+            }
+        }
+    }
+
+    /// Adds one forward pass: `tokens` are the `[batch, seq]` input tokens, row-major, of the
+    /// positions `routing` routed (reads the ids back to the host).
+    ///
+    /// # Panics
+    /// If `tokens` does not have one entry per routed position.
+    pub fn add_routing(&mut self, tokens: &[u32], routing: &PeerRouting) {
+        let [batch, seq, _, _] = routing.expert_ids.dims();
+        assert_eq!(tokens.len(), batch * seq, "TokenLoad::add_routing: tokens for {batch} × {seq} positions");
+        let ids: Vec<i64> = routing.expert_ids.to_data().iter::<i64>().collect();
+        self.add(tokens, &ids);
+    }
+
+    /// What the `count` most frequent input tokens contribute to the load (ties: lower id first).
+    pub fn frequent_tokens(&self, count: usize) -> FrequentTokens {
+        let total_positions: u64 = self.positions.values().sum();
+        let mut by_frequency: Vec<(u32, u64)> = self.positions.iter().map(|(&t, &n)| (t, n)).collect();
+        by_frequency.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        by_frequency.truncate(count);
+        let frequent: HashMap<u32, usize> = by_frequency.iter().enumerate().map(|(i, &(t, _))| (t, i)).collect();
+
+        let mut all = vec![0u64; self.num_experts];
+        let mut theirs = vec![0u64; self.num_experts];
+        let mut distinct = vec![0usize; frequent.len()];
+        for (&(token, expert), &n) in &self.selections {
+            all[expert as usize] += n;
+            if let Some(&rank) = frequent.get(&token) {
+                theirs[expert as usize] += n;
+                distinct[rank] += 1;
+            }
+        }
+        let others: Vec<u64> = all.iter().zip(&theirs).map(|(a, t)| a - t).collect();
+        let top = self.num_experts.div_ceil(100).max(1);
+        // The busiest 1% of experts over all positions, and what the frequent tokens sent there.
+        let mut order: Vec<usize> = (0..self.num_experts).collect();
+        order.sort_unstable_by(|&a, &b| all[b].cmp(&all[a]).then(a.cmp(&b)));
+        let busiest = &order[..top.min(order.len())];
+        let top_load: u64 = busiest.iter().map(|&e| all[e]).sum();
+        let from_them: u64 = busiest.iter().map(|&e| theirs[e]).sum();
+        let share = |part: u64, whole: u64| if whole == 0 { f64::NAN } else { part as f64 / whole as f64 };
+        let others_total: u64 = others.iter().sum();
+        let mut rest = others;
+        rest.sort_unstable_by(|a, b| b.cmp(a));
+        FrequentTokens {
+            tokens: by_frequency.iter().map(|&(t, _)| t).collect(),
+            position_shares: by_frequency.iter().map(|&(_, n)| share(n, total_positions)).collect(),
+            distinct_experts: distinct,
+            top_1_percent_share_from_them: share(from_them, top_load),
+            top_1_percent_share_without_them: share(rest[..top.min(rest.len())].iter().sum(), others_total),
+        }
+    }
+}
+
+/// What the most frequent input tokens contribute to a layer's load ([`TokenLoad`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrequentTokens {
+    /// Input token ids, most frequent first.
+    pub tokens: Vec<u32>,
+    /// Each one's share of the positions.
+    pub position_shares: Vec<f64>,
+    /// How many distinct experts each one retrieved (at least k when it occurs: heads may
+    /// retrieve the same expert).
+    pub distinct_experts: Vec<usize>,
+    /// The share of the top 1% of experts' selections (the busiest ⌈N/100⌉ over all
+    /// positions) that were made at these tokens' positions.
+    pub top_1_percent_share_from_them: f64,
+    /// The top-1% share of the selections made at every other position (its own busiest
+    /// ⌈N/100⌉ experts): the concentration that remains without these tokens.
+    pub top_1_percent_share_without_them: f64,
 }
 
 /// Minimum, median, 99th percentile and maximum of a set of values (nearest rank).

@@ -307,7 +307,7 @@ fn run_train(args: TrainArgs) -> Result<(), TrainError> {
         artifact_dir: args.out.clone(),
         resume: args.resume,
     })?;
-    print_evaluation(&summary.evaluation, &args.out);
+    print_evaluation(&summary.evaluation, &args.out, &tokenizer);
     println!("model saved to {}", summary.model_dir.display());
     let (_, model, _) = load_model(&summary.model_dir, &device)?;
     let sampling = SamplingConfig::new().with_temperature(0.8).with_top_p(Some(0.95)).with_seed(0);
@@ -375,7 +375,7 @@ fn apply_layer_overrides(config: &mut TrainingConfig, args: &TrainArgs) -> Resul
 }
 
 /// Prints the evaluation and draws the expert-load chart into `dir`.
-fn print_evaluation(e: &Evaluation, dir: &Path) {
+fn print_evaluation(e: &Evaluation, dir: &Path, tokenizer: &TextTokenizer) {
     println!(
         "validation perplexity {:.2} (unigram baseline {:.2}, {:.1}× lower) over {} tokens",
         e.perplexity,
@@ -386,6 +386,27 @@ fn print_evaluation(e: &Evaluation, dir: &Path) {
     for block in &e.routing {
         for (i, line) in block.report.to_string().lines().enumerate() {
             println!("{}{line}", if i == 0 { format!("block {}: ", block.block) } else { "  ".into() });
+        }
+        if let Some(f) = &block.frequent_tokens {
+            let shown: Vec<String> = f
+                .tokens
+                .iter()
+                .zip(&f.position_shares)
+                .zip(&f.distinct_experts)
+                .map(|((&t, share), experts)| {
+                    let text = tokenizer.decode(&[t]).unwrap_or_else(|_| format!("#{t}"));
+                    format!("{text:?} {:.1}% ({experts} experts)", 100.0 * share)
+                })
+                .collect();
+            println!(
+                "  the {} most frequent input tokens ({:.1}% of positions) made {:.1}% of the top 1% experts' \
+                 selections; at the other positions the top 1% take {:.1}%",
+                f.tokens.len(),
+                100.0 * f.position_shares.iter().sum::<f64>(),
+                100.0 * f.top_1_percent_share_from_them,
+                100.0 * f.top_1_percent_share_without_them
+            );
+            println!("  they are: {}", shown.join(", "));
         }
     }
     match e.draw_load_chart(dir) {
@@ -432,7 +453,7 @@ fn run_eval(args: EvalArgs) -> Result<(), TrainError> {
     let evaluation = evaluate(&model, &data, config.max_seq_len, args.batch_size.max(1), windows, &device)?;
     let file = args.checkpoint.join("evaluation.json");
     write_atomic(&file, serde_json::to_string_pretty(&evaluation).expect("serialises").as_bytes())?;
-    print_evaluation(&evaluation, &args.checkpoint);
+    print_evaluation(&evaluation, &args.checkpoint, &tokenizer);
     println!("evaluation written to {}", file.display());
     Ok(())
 }

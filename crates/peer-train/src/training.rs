@@ -19,7 +19,7 @@ use burn::tensor::Device;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::{LearningRateMetric, LossMetric, PerplexityMetric};
 use burn::train::{Learner, SupervisedTraining};
-use peer_core::{ConfigError, ExpertUsage, PeerConfig, QueryNorm, RoutingReport};
+use peer_core::{ConfigError, ExpertUsage, FrequentTokens, PeerConfig, QueryNorm, RoutingReport, TokenLoad};
 use peer_model::checkpoint::{CheckpointMeta, save_model, write_atomic};
 use peer_model::{FeedForwardConfig, Transformer, TransformerConfig};
 use serde::{Deserialize, Serialize};
@@ -68,6 +68,12 @@ pub struct TrainingConfig {
     /// AdamW weight decay of every parameter but the expert tables.
     #[config(default = 0.01)]
     pub weight_decay: f64,
+    /// AdamW weight decay of the product keys' sub-keys (PEER and PKM `sub_keys`), finite and
+    /// ≥ 0; `None`: `weight_decay`. Decay shrinks every sub-key each step, while only the
+    /// sub-keys of retrieved experts get a gradient that can grow them back; 0 leaves the keys'
+    /// lengths to the loss alone (measured in README, "Routing").
+    #[config(default = "None")]
+    pub key_weight_decay: Option<f64>,
     /// Gradient clipping by norm, per parameter tensor (Burn's rule).
     #[config(default = 1.0)]
     pub grad_clip_norm: f64,
@@ -91,7 +97,7 @@ pub struct TrainingConfig {
 impl TrainingConfig {
     /// The main job's default: a 4-block LM (d_model 128, seq_len 128) with PEER in the middle
     /// block (N = 128² experts, 4 heads × top-8, key_dim 64, BatchNorm queries, one key set per
-    /// head, expert balance loss 0.03: [`PeerConfig`]'s defaults) and dense GELU
+    /// head, cosine scoring, expert balance loss 0.1: [`PeerConfig`]'s defaults) and dense GELU
     /// feed-forwards (hidden 512) elsewhere. Sized to train (8 × 120 steps of 2,048 tokens) in about ten minutes on 2 cores.
     pub fn small_peer() -> Self {
         let d_model = 128;
@@ -144,8 +150,12 @@ impl TrainingConfig {
                 return Err(ConfigError::new(field, format!("must be finite and positive, got {value}")));
             }
         }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(ConfigError::new("weight_decay", "must be finite and non-negative"));
+        for (field, value) in [("weight_decay", Some(self.weight_decay)), ("key_weight_decay", self.key_weight_decay)] {
+            if let Some(value) = value
+                && !(value.is_finite() && value >= 0.0)
+            {
+                return Err(ConfigError::new(field, format!("must be finite and non-negative, got {value}")));
+            }
         }
         self.model.validate().map_err(|e| ConfigError::new("model", format!("`{}` {}", e.field, e.rule)))
     }
@@ -283,11 +293,21 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
     // Expert tables: their own AdamW (no weight decay) and their own learning rate.
     let experts = ParamGroup::from_regex(r"(experts\.(down|up)(\.[0-9]+)?|\.values)$").expect("valid regex");
     let clip = Some(GradientClippingConfig::Norm(config.grad_clip_norm as f32));
-    let optim = AdamWConfig::new()
+    let mut optim = AdamWConfig::new()
         .with_weight_decay(config.weight_decay as f32)
         .with_grad_clipping(clip.clone())
         .init()
-        .with_group(experts.clone(), AdamWConfig::new().with_weight_decay(0.0).build(), clip.map(|c| c.init()));
+        .with_group(experts.clone(), AdamWConfig::new().with_weight_decay(0.0).build(), clip.clone().map(|c| c.init()));
+    // The sub-keys get their own AdamW only when their decay differs, so the optimizer state of
+    // a run written before the option existed resumes unchanged.
+    if let Some(decay) = config.key_weight_decay.filter(|&d| d != config.weight_decay) {
+        let sub_keys = ParamGroup::from_regex(r"sub_keys$").expect("valid regex");
+        optim = optim.with_group(
+            sub_keys,
+            AdamWConfig::new().with_weight_decay(decay as f32).build(),
+            clip.map(|c| c.init()),
+        );
+    }
     let warmup = config.effective_warmup();
     let schedule = |peak: f64| {
         LrSchedulerConfig::Sequential(SequentialLrSchedulerConfig::new(
@@ -397,7 +417,14 @@ pub struct BlockDiagnostics {
     /// The sorted expert load at about 200 log-spaced ranks: `(rank, selections)`, rank 1 the
     /// busiest expert; ranks of unused experts are left out (a log axis has no zero).
     pub load_curve: Vec<(f64, f64)>,
+    /// What the [`FREQUENT_TOKENS`] most frequent input tokens contribute to the load (absent
+    /// in evaluations written before it was measured).
+    #[serde(default)]
+    pub frequent_tokens: Option<FrequentTokens>,
 }
+
+/// How many of the most frequent input tokens the evaluation attributes load to.
+pub const FREQUENT_TOKENS: usize = 10;
 
 impl Evaluation {
     /// Draws the sorted expert load of every block (log–log) as `<dir>/expert_load.png`; see
@@ -463,22 +490,33 @@ pub fn evaluate(
     let mut nll = 0.0;
     let mut tokens = 0usize;
     let mut usage: Vec<(usize, ExpertUsage)> = Vec::new();
+    let mut token_load: Vec<TokenLoad> = Vec::new();
     let mut target_ids: Vec<u32> = Vec::new();
     for batch in loader.iter() {
         let batch = batch.map_err(|e| TrainError::Training(format!("validation data: {e}")))?;
         let [b, s] = batch.targets.dims();
+        let inputs: Vec<u32> = batch.inputs.to_data().iter::<i64>().map(|t| t as u32).collect();
         let (_, cross_entropy, output) = model.loss(batch.inputs, batch.targets.clone());
         nll += cross_entropy.into_scalar::<f64>() * (b * s) as f64;
         tokens += b * s;
         target_ids.extend(batch.targets.to_data().iter::<i64>().map(|t| t as u32));
         accumulate_usage(&mut usage, &output.routings);
+        token_load.resize_with(output.routings.len(), TokenLoad::default);
+        for (load, routing) in token_load.iter_mut().zip(&output.routings) {
+            if load.num_experts() == 0 {
+                *load = TokenLoad::new(routing.num_experts);
+            }
+            load.add_routing(&inputs, &routing.routing);
+        }
     }
     let routing = usage
         .iter()
-        .map(|(block, usage)| BlockDiagnostics {
+        .zip(&token_load)
+        .map(|((block, usage), load)| BlockDiagnostics {
             block: *block,
             report: RoutingReport::new(usage, model.product_keys(*block)),
             load_curve: load_curve(&usage.sorted_load()),
+            frequent_tokens: Some(load.frequent_tokens(FREQUENT_TOKENS)),
         })
         .collect();
     Ok(Evaluation {

@@ -29,7 +29,7 @@ fn reference(
     };
     let groups = match balance {
         Balance::SubKeys => 2,
-        Balance::Experts => 1,
+        Balance::Experts | Balance::ExpertsPooled => 1,
     };
     let width = if balance == Balance::SubKeys { root } else { n };
     let mut soft = vec![0.0; sets * groups * width];
@@ -64,6 +64,17 @@ fn reference(
                         share[set * n + id as usize] += 1.0;
                     }
                 }
+                Balance::ExpertsPooled => {
+                    for (e, p) in softmax(&all).iter().enumerate() {
+                        soft[set * n + e] += p;
+                    }
+                    // Each selection counts in every key set, as a share of all selections.
+                    for &id in picked {
+                        for s in 0..sets {
+                            share[s * n + id as usize] += 1.0 / sets as f64;
+                        }
+                    }
+                }
             }
         }
     }
@@ -95,6 +106,9 @@ fn balance_loss_equals_its_definition_on(device: &Device) {
         (false, KeyScoring::Cosine, Balance::Experts, 8),
         (true, KeyScoring::UnitKeys, Balance::Experts, 4),
         (false, KeyScoring::Dot, Balance::Experts, 4),
+        (false, KeyScoring::Dot, Balance::ExpertsPooled, 4),
+        (false, KeyScoring::UnitKeys, Balance::ExpertsPooled, 8),
+        (true, KeyScoring::Dot, Balance::ExpertsPooled, 4),
     ]
     .into_iter()
     .enumerate()
@@ -152,7 +166,7 @@ fn balance_loss_reaches_the_routing_only_when_training() {
     let x = tensor(Rng::new(11).normals(2 * 3 * 8, 1.0), [2, 3, 8], &device);
     let off = config.clone().with_balance_loss(0.0).init(&device);
     assert!(off.forward_with_routing(x.clone()).1.balance_loss.is_none(), "weight 0: off");
-    assert_eq!(config.balance_loss, 0.03, "on by default");
+    assert_eq!(config.balance_loss, 0.1, "on by default");
     let peer = config.clone().with_balance_loss(0.01).init(&device);
     let plain = peer.valid();
     assert!(plain.forward_with_routing(x.clone().inner()).1.balance_loss.is_none(), "no autodiff: off");

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use burn::tensor::Device;
 use peer_core::interop::load_peer_pytorch;
-use peer_core::{PeerConfig, QueryNorm};
+use peer_core::{KeyScoring, PeerConfig, QueryNorm};
 use safetensors::SafeTensors;
 
 use super::backends::wgpu_device;
@@ -26,6 +26,7 @@ fn config() -> PeerConfig {
         .with_top_k(4)
         .with_key_dim(8)
         .with_shared_keys(false)
+        .with_scoring(KeyScoring::Dot)
         .with_query_norm(QueryNorm::None)
 }
 
@@ -58,6 +59,8 @@ fn peer_pytorch_loading_refuses_mismatches() {
     let device = Device::flex();
     let err = load_peer_pytorch(config().with_shared_keys(true).init(&device), &path).unwrap_err();
     assert!(err.to_string().contains("shared_keys must be false"), "{err}");
+    let err = load_peer_pytorch(config().with_scoring(KeyScoring::Cosine).init(&device), &path).unwrap_err();
+    assert!(err.to_string().contains("scoring must be Dot"), "{err}");
     let err = load_peer_pytorch(config().with_query_norm(QueryNorm::BatchNorm).init(&device), &path).unwrap_err();
     assert!(err.to_string().contains("query_norm must be None"), "{err}");
     let err = load_peer_pytorch(PeerConfig { d_model: 32, ..config() }.init(&device), &path).unwrap_err();

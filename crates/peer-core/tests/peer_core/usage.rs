@@ -2,7 +2,7 @@
 //! sub-key norms) against hand-computed values.
 
 use burn::tensor::Device;
-use peer_core::{ExpertUsage, KeyScoring, PeerConfig, ProductKeysConfig, RoutingReport, Spread};
+use peer_core::{ExpertUsage, KeyScoring, PeerConfig, ProductKeysConfig, RoutingReport, Spread, TokenLoad};
 
 use super::reference::{Rng, host, host_int, set_param, tensor};
 
@@ -179,4 +179,68 @@ fn unevenness_split_separates_halves_from_pairing() {
     let joint: f64 = counts.iter().filter(|&&c| c > 0.0).map(|&c: &f64| -(c / 8.0) * (c / 8.0).ln()).sum();
     assert!((a + b + i - (9f64.ln() - joint)).abs() < 1e-12);
     assert!(ExpertUsage::new(8).unevenness_split().is_none());
+}
+
+/// Load attributed to input tokens, against counts done by hand.
+#[test]
+fn frequent_tokens_of_a_hand_made_routing() {
+    // N = 200: the top 1% is the 2 busiest experts. Positions (token: experts):
+    //   9: 0 1 | 9: 0 1 | 9: 0 2 | 4: 0 3 | 4: 5 6 | 7: 3 5 | 7: 3 6 | 2: 8 8
+    // Loads: e0 4, e1 2, e2 1, e3 3, e5 2, e6 2, e8 2 (16 selections): the busiest two are e0
+    // and e3 (7 selections); token 9 (3 of 8 positions) made 3 of them, token 4 one more.
+    let mut load = TokenLoad::new(200);
+    load.add(&[9, 9, 9, 4], &[0, 1, 0, 1, 0, 2, 0, 3]);
+    load.add(&[4, 7, 7, 2], &[5, 6, 3, 5, 3, 6, 8, 8]);
+    let one = load.frequent_tokens(1);
+    assert_eq!(one.tokens, [9]);
+    assert_eq!(one.position_shares, [3.0 / 8.0]);
+    assert_eq!(one.distinct_experts, [3]);
+    assert_eq!(one.top_1_percent_share_from_them, 3.0 / 7.0);
+    // Without token 9: e3 3, e5 2, e6 2, e8 2, e0 1 (10 selections); the busiest two hold 5
+    // (e3 and, of the experts tied at 2, any one).
+    assert_eq!(one.top_1_percent_share_without_them, 5.0 / 10.0);
+
+    // Tokens 4 and 7 tie at 2 positions: the lower id comes first.
+    let three = load.frequent_tokens(3);
+    assert_eq!(three.tokens, [9, 4, 7]);
+    assert_eq!(three.distinct_experts, [3, 4, 3]);
+    assert_eq!(three.top_1_percent_share_from_them, 1.0);
+    // Only token 2 is left: expert 8 twice.
+    assert_eq!(three.top_1_percent_share_without_them, 1.0);
+    // More tokens asked for than seen: all of them, and nothing left.
+    let all = load.frequent_tokens(10);
+    assert_eq!(all.tokens.len(), 4);
+    assert!(all.top_1_percent_share_without_them.is_nan());
+}
+
+#[test]
+#[should_panic(expected = "do not split into 3 positions")]
+fn token_load_rejects_ids_that_do_not_fit_the_positions() {
+    TokenLoad::new(8).add(&[1, 2, 3], &[0, 1, 2, 3]);
+}
+
+/// A real layer's routing, attributed per token, adds up to the layer's own usage counts.
+#[test]
+fn token_load_of_a_real_routing_matches_the_usage() {
+    let device = Device::flex();
+    let peer = PeerConfig::new(8, 4 * 4).with_heads(2).with_top_k(2).with_key_dim(4).init(&device);
+    let mut rng = Rng::new(9);
+    let routing = peer.route(tensor(rng.normals(2 * 5 * 8, 1.0), [2, 5, 8], &device));
+    let tokens = [3, 3, 1, 3, 2, 1, 3, 3, 0, 2];
+    let mut load = TokenLoad::new(16);
+    load.add_routing(&tokens, &routing);
+    let mut usage = ExpertUsage::new(16);
+    usage.add_routing(&routing);
+    let everything = load.frequent_tokens(4);
+    assert_eq!(everything.tokens, [3, 1, 2, 0]);
+    assert_eq!(everything.position_shares, [0.5, 0.2, 0.2, 0.1]);
+    assert_eq!(everything.top_1_percent_share_from_them, 1.0);
+    // Token 3's distinct experts, counted from the ids directly.
+    let ids = host_int(&routing.expert_ids);
+    let mut seen: Vec<i64> =
+        tokens.iter().zip(ids.chunks(4)).filter(|(t, _)| **t == 3).flat_map(|(_, e)| e.to_vec()).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(everything.distinct_experts[0], seen.len());
+    assert_eq!(usage.selections(), 2 * 5 * 2 * 2);
 }

@@ -9,10 +9,11 @@ use super::helpers::{kinds, tiny};
 
 #[test]
 fn layer_costs_match_hand_counts() {
-    // PEER, n = 256, N = 128², h = 8, k = 16, d = 128, shared keys, BatchNorm, no bias.
+    // PEER, n = 256, N = 128², h = 8, k = 16, d = 128, shared keys, BatchNorm, no bias, cosine
+    // scoring (the default).
     let peer = PeerConfig::new(256, 128 * 128).with_shared_keys(true).cost();
     let query = 256 * 8 * 128 + 2 * 8 * 128; // weights + BatchNorm γ, β
-    let keys = 128 * 128; // 1 set × √N × d
+    let keys = 128 * 128 + 1; // 1 set × √N × d, and the learned score scale s
     assert_eq!(peer.params, query + keys + 2 * 16384 * 256);
     assert_eq!(peer.active_params, query + keys + 2 * 8 * 16 * 256);
     let flops = 2.0 * 256.0 * 8.0 * 128.0 + 2.0 * 8.0 * 128.0 * 128.0 + 8.0 * 256.0 + 4.0 * 8.0 * 16.0 * 256.0;
