@@ -501,12 +501,12 @@ pub fn evaluate(
         tokens += b * s;
         target_ids.extend(batch.targets.to_data().iter::<i64>().map(|t| t as u32));
         accumulate_usage(&mut usage, &output.routings);
-        token_load.resize_with(output.routings.len(), TokenLoad::default);
-        for (load, routing) in token_load.iter_mut().zip(&output.routings) {
-            if load.num_experts() == 0 {
-                *load = TokenLoad::new(routing.num_experts);
+        // One accumulator per routed block, in routing order (as `usage` is built).
+        for (index, routing) in output.routings.iter().enumerate() {
+            if index == token_load.len() {
+                token_load.push(TokenLoad::new(routing.num_experts));
             }
-            load.add_routing(&inputs, &routing.routing);
+            token_load[index].add_routing(&inputs, &routing.routing);
         }
     }
     let routing = usage
