@@ -13,8 +13,9 @@
 //!   their moments, keep moving them with the decaying momentum, and apply weight decay.
 //!
 //! So from the same state, one step equals dense AdamW on the touched rows; over several
-//! steps they differ only through rows that were skipped in between. All of it is tensor ops
-//! (`select`, `select_assign`), in place on [`ExpertTable`]s, on any device.
+//! steps they differ only through rows that were skipped in between. The update is written in
+//! place into the [`ExpertTable`]s: by one CubeCL kernel on wgpu (θ, m and v read and written
+//! once), by tensor ops (`select`, `select_assign`) on every other device.
 
 use burn::config::Config;
 use burn::module::{Module, Param};

@@ -248,6 +248,23 @@ impl ExpertTable {
         new
     }
 
+    /// Replaces block `b` by `f(its value)` for every clone. `f` gets the value without
+    /// autodiff, as the only handle when no other is alive, so a kernel may write it in place.
+    pub(crate) fn rewrite_block(&self, b: usize, f: impl FnOnce(Tensor<2>) -> Tensor<2>) {
+        let mut slot = self.lock();
+        let mut blocks = slot.take().expect("an ExpertTable always holds a value");
+        let rest = blocks.split_off(b + 1);
+        let param = blocks.pop().expect("block index within the table");
+        blocks.push(map_value(param, f));
+        blocks.extend(rest);
+        *slot = Some(blocks);
+    }
+
+    /// Rows of each block.
+    pub(crate) fn block_sizes(&self) -> Vec<usize> {
+        self.with(|blocks| blocks.iter().map(|p| p.lazy_shape().dims::<2>()[0]).collect())
+    }
+
     /// The parameters, taken out if this handle is the only one, copied otherwise.
     fn into_params(self) -> Vec<Param<Tensor<2>>> {
         match Arc::try_unwrap(self.blocks) {

@@ -12,6 +12,11 @@
 //! - [`row_sums`]: one thread per row-gradient element, summing the slots of its distinct
 //!   expert from a grouping of the slots made on the host ([`SlotsByExpert`]).
 //!
+//! Two more kernels serve retrieval and the optimizer: [`candidates`] merges each row's two
+//! halves' top-k into its top-k experts (one thread per row, about k·ln k pairs in registers
+//! instead of `[rows, k²]` candidate scores), and [`adamw_rows`](kernels::adamw_rows) applies
+//! the lazy AdamW to the touched rows of θ, m and v in place (one thread per element).
+//!
 //! Activations, router weights and the small `[tokens, m]` products stay Burn tensor ops, so
 //! each equation has one definition. None of the kernels uses plane (subgroup) operations or
 //! float atomics, which CPU adapters such as Mesa's llvmpipe lack; the per-token kernels have
@@ -30,7 +35,10 @@ use cubecl::prelude::{CubeCount, CubeDim};
 
 use crate::custom_op::{self, Vjp};
 use crate::experts::{ExpertGradients, Experts, RowGradients};
-use kernels::{row_sums, slot_dots, weighted_rows};
+use crate::product_keys::half_scores;
+use crate::sparse_adamw::{RowMoments, SparseAdamWConfig};
+use crate::table::ExpertTable;
+use kernels::{candidates, row_sums, slot_dots, weighted_rows};
 
 /// Threads per cube of every launch here.
 const CUBE_THREADS: u32 = 256;
@@ -191,6 +199,167 @@ mod kernels {
         let at = r * out.stride(0) + c * out.stride(1);
         out[at] = acc;
     }
+
+    /// The lazy AdamW rule (see [`crate::sparse_adamw`]) on the touched rows of one block
+    /// (table rows `first_row..first_row + rows`), in place, one thread per element of
+    /// `grad` (`[ids, width]`, row i the gradient of table row `ids[i]`): the moments, then
+    /// θ. Rows of other blocks are left to their block's launch; `scale` (`[1]`) is the
+    /// clipping coefficient.
+    #[cube(launch)]
+    pub(super) fn adamw_rows<F: Float, I: Int>(
+        theta: &mut Tensor<F>,
+        moment_1: &mut Tensor<F>,
+        moment_2: &mut Tensor<F>,
+        ids: &Tensor<I>,
+        grad: &Tensor<F>,
+        scale: &Tensor<F>,
+        first_row: u32,
+        rule: AdamWRule,
+        #[define(F, I)] _dtypes: [ElemType; 2],
+    ) {
+        let width = grad.shape(1);
+        let pos = ABSOLUTE_POS;
+        if pos >= grad.shape(0) * width {
+            terminate!();
+        }
+        let r = pos / width;
+        let c = pos % width;
+        let id = usize::cast_from(ids[r * ids.stride(0)]);
+        let first = first_row as usize;
+        if id < first || id >= first + theta.shape(0) {
+            terminate!();
+        }
+        let row = id - first;
+        let g = grad[r * grad.stride(0) + c * grad.stride(1)] * scale[0];
+        let at_1 = row * moment_1.stride(0) + c * moment_1.stride(1);
+        let at_2 = row * moment_2.stride(0) + c * moment_2.stride(1);
+        let at = row * theta.stride(0) + c * theta.stride(1);
+        let m = moment_1[at_1] * F::cast_from(rule.beta_1) + g * F::cast_from(rule.one_minus_beta_1);
+        let v = moment_2[at_2] * F::cast_from(rule.beta_2) + g * g * F::cast_from(rule.one_minus_beta_2);
+        moment_1[at_1] = m;
+        moment_2[at_2] = v;
+        let corrected_1 = m / F::cast_from(rule.correction_1);
+        let corrected_2 = v / F::cast_from(rule.correction_2);
+        let delta = corrected_1 / (corrected_2.sqrt() + F::cast_from(rule.epsilon));
+        theta[at] = theta[at] * F::cast_from(rule.decay) - delta * F::cast_from(rule.lr);
+    }
+
+    /// The scalars of one lazy AdamW step.
+    #[derive(CubeLaunch, CubeType)]
+    pub(super) struct AdamWRule {
+        pub beta_1: f32,
+        pub one_minus_beta_1: f32,
+        pub beta_2: f32,
+        pub one_minus_beta_2: f32,
+        /// `1 − β₁ᵗ`.
+        pub correction_1: f32,
+        /// `1 − β₂ᵗ`.
+        pub correction_2: f32,
+        pub epsilon: f32,
+        pub lr: f32,
+        /// `1 − lr·λ`.
+        pub decay: f32,
+    }
+
+    /// The candidate step of product-key retrieval, one thread per row (a token's head): each
+    /// half's k best sub-keys (scores `best_1`, `best_2`, sub-key indices `index_1`,
+    /// `index_2`, `[rows, k]`, in any order) are sorted in registers, best first; then only
+    /// the pairs (i, j) with (i + 1)(j + 1) ≤ k can make the row's top-k (every other pair is
+    /// beaten by the i + 1 by j + 1 pairs above and left of it), and they are merged into it:
+    /// `scores` (descending) and expert ids `i·√N + j`. Equal scores keep the earlier pair.
+    #[cube(launch)]
+    pub(super) fn candidates<F: Float, I: Int>(
+        best_1: &Tensor<F>,
+        index_1: &Tensor<I>,
+        best_2: &Tensor<F>,
+        index_2: &Tensor<I>,
+        scores: &mut Tensor<F>,
+        ids: &mut Tensor<I>,
+        root: u32,
+        #[comptime] k: usize,
+        #[define(F, I)] _dtypes: [ElemType; 2],
+    ) {
+        let r = ABSOLUTE_POS;
+        if r >= scores.shape(0) {
+            terminate!();
+        }
+        let mut score_1 = Array::<F>::new(k);
+        let mut sub_key_1 = Array::<u32>::new(k);
+        let mut score_2 = Array::<F>::new(k);
+        let mut sub_key_2 = Array::<u32>::new(k);
+        sorted_half::<F, I>(best_1, index_1, r, &mut score_1, &mut sub_key_1, k);
+        sorted_half::<F, I>(best_2, index_2, r, &mut score_2, &mut sub_key_2, k);
+
+        let mut top_score = Array::<F>::new(k);
+        let mut top_id = Array::<u32>::new(k);
+        let mut n = 0usize;
+        for i in 0..k {
+            for j in 0..k {
+                if (i + 1) * (j + 1) <= k {
+                    let s = score_1[i] + score_2[j];
+                    let id = sub_key_1[i] * root + sub_key_2[j];
+                    // `top_score[k − 1]` is only compared once the list is full.
+                    let full = n == k;
+                    let enters = !full || s > top_score[k - 1];
+                    if enters {
+                        // Full, the last entry drops out.
+                        let mut end = n;
+                        if full {
+                            end = k - 1;
+                        }
+                        insert_sorted::<F>(&mut top_score, &mut top_id, end, s, id);
+                        if !full {
+                            n += 1;
+                        }
+                    }
+                }
+            }
+        }
+        for p in 0..k {
+            let at = r * scores.stride(0) + p * scores.stride(1);
+            scores[at] = top_score[p];
+            let at = r * ids.stride(0) + p * ids.stride(1);
+            ids[at] = I::cast_from(top_id[p]);
+        }
+    }
+
+    /// Row r of one half's k best (`best`, `index`, `[rows, k]`) sorted by insertion into
+    /// `score` and `sub_key`, best first; equal scores keep their order.
+    #[cube]
+    fn sorted_half<F: Float, I: Int>(
+        best: &Tensor<F>,
+        index: &Tensor<I>,
+        r: usize,
+        score: &mut Array<F>,
+        sub_key: &mut Array<u32>,
+        #[comptime] k: usize,
+    ) {
+        for p in 0..k {
+            let s = best[r * best.stride(0) + p * best.stride(1)];
+            let id = u32::cast_from(index[r * index.stride(0) + p * index.stride(1)]);
+            insert_sorted::<F>(score, sub_key, p, s, id);
+        }
+    }
+
+    /// Inserts `(s, id)` into the descending list `score[0..end]`, `ids[0..end]`, after the
+    /// entries of equal score, shifting the entries below it down by one (into `end`).
+    #[cube]
+    fn insert_sorted<F: Float>(score: &mut Array<F>, ids: &mut Array<u32>, end: usize, s: F, id: u32) {
+        let mut q = end;
+        loop {
+            if q == 0 {
+                break;
+            }
+            if score[q - 1] >= s {
+                break;
+            }
+            score[q] = score[q - 1];
+            ids[q] = ids[q - 1];
+            q -= 1;
+        }
+        score[q] = s;
+        ids[q] = id;
+    }
 }
 
 /// The slots of a step grouped by expert: a 4-byte-per-slot readback and one sort on the host.
@@ -338,7 +507,7 @@ fn grid(like: &CubeTensor, threads: usize) -> (CubeCount, CubeDim) {
 }
 
 /// The tables' blocks without autodiff, each with its first row.
-fn blocks(table: &crate::table::ExpertTable) -> Option<Vec<(CubeTensor, u32)>> {
+fn blocks(table: &ExpertTable) -> Option<Vec<(CubeTensor, u32)>> {
     let (blocks, rows_per_block) = table.values_in_blocks();
     blocks
         .into_iter()
@@ -457,9 +626,134 @@ pub(crate) fn experts_backward(
     })
 }
 
-/// Product-key retrieval on an autodiff Cube device as one node: the forward pass is the
-/// tensor path's (sub-key score matmuls, Burn's top-k kernel, candidates), computed without
-/// autodiff; the backward pass uses that only the `k` selected scores of each row carry a
+/// One lazy AdamW step (see [`crate::sparse_adamw`]) of rows `ids` (distinct) of `table` with
+/// gradients `grad` (`[ids, width]`), in place by the [`adamw_rows`](kernels::adamw_rows)
+/// kernel, one launch per row block, θ, m and v read and written once each. `None`, with
+/// nothing changed, where the tensors cannot go to the kernel (not f32, ids not i32, moments in
+/// another block layout than the table's).
+pub(crate) fn adamw_rows(
+    config: &SparseAdamWConfig,
+    lr: f64,
+    step: i32,
+    table: &ExpertTable,
+    moments: &RowMoments,
+    ids: &Tensor<1, Int>,
+    grad: Tensor<2>,
+) -> Option<()> {
+    let sizes = table.block_sizes();
+    let tables = [table, &moments.moment_1, &moments.moment_2];
+    if tables.iter().any(|t| t.block_sizes() != sizes || t.values_in_blocks().0.iter().any(|b| b.dtype() != DType::F32))
+    {
+        return None;
+    }
+    let [rows, width] = grad.dims();
+    let scale = super::tensor_ops::clip_coefficient(config, &grad).unwrap_or_else(|| Tensor::ones([1], &grad.device()));
+    let (ids, grad, scale) = (int_primitive(ids.clone())?, float_primitive(grad)?, float_primitive(scale)?);
+    if rows == 0 {
+        return Some(());
+    }
+    let (beta_1, beta_2) = (config.beta_1, config.beta_2);
+    let rule = || {
+        kernels::AdamWRuleLaunch::new(
+            beta_1,
+            1.0 - beta_1,
+            beta_2,
+            1.0 - beta_2,
+            1.0 - beta_1.powi(step),
+            1.0 - beta_2.powi(step),
+            config.epsilon,
+            lr as f32,
+            (1.0 - lr * config.weight_decay as f64) as f32,
+        )
+    };
+    // The block's value as a buffer this launch may write: the Param's own where no other
+    // handle reads it, a copy otherwise.
+    let writable = |value: Tensor<2>| {
+        let value = float_primitive(value).expect("f32 blocks, checked above");
+        if value.can_mut() && value.is_nonoverlapping() { value } else { value.copy() }
+    };
+    let mut first_row = 0u32;
+    for (b, block_rows) in sizes.into_iter().enumerate() {
+        table.rewrite_block(b, |theta| {
+            let theta = writable(theta);
+            moments.moment_1.rewrite_block(b, |moment_1| {
+                let moment_1 = writable(moment_1);
+                moments.moment_2.rewrite_block(b, |moment_2| {
+                    let moment_2 = writable(moment_2);
+                    let (count, dim) = grid(&theta, rows * width);
+                    kernels::adamw_rows::launch(
+                        &theta.client,
+                        count,
+                        dim,
+                        theta.clone().into_tensor_arg(),
+                        moment_1.clone().into_tensor_arg(),
+                        moment_2.clone().into_tensor_arg(),
+                        ids.clone().into_tensor_arg(),
+                        grad.clone().into_tensor_arg(),
+                        scale.clone().into_tensor_arg(),
+                        first_row,
+                        rule(),
+                        [f32_type(), i32_type()],
+                    );
+                    Tensor::from_primitive::<Cube>(moment_2)
+                });
+                Tensor::from_primitive::<Cube>(moment_1)
+            });
+            Tensor::from_primitive::<Cube>(theta)
+        });
+        first_row += block_rows as u32;
+    }
+    Some(())
+}
+
+/// Exact product-key top-k without autodiff (`queries` `[tokens, heads, key_dim]`, `sub_keys`
+/// `[key_sets, 2, √N, key_dim / 2]`, both as scored): the sub-key score matmuls, Burn's
+/// one-pass top-k kernel per half, then the candidate step in one kernel
+/// ([`candidates`]) instead of the tensor path's `[tokens, heads, k²]`
+/// candidate scores and their second top-k. Scores (descending) and expert ids, `[tokens,
+/// heads, k]`; `None` where the tensors cannot go to the kernel.
+pub(crate) fn retrieve(queries: &Tensor<3>, sub_keys: &Tensor<4>, k: usize) -> Option<(Tensor<3>, Tensor<3, Int>)> {
+    let [tokens, heads, key_dim] = queries.dims();
+    let [_, _, root, half] = sub_keys.dims();
+    debug_assert_eq!(2 * half, key_dim);
+    let device = queries.device();
+    let rows = tokens * heads;
+    let best = |index: usize| {
+        let scores = half_scores(queries.clone().narrow(2, index * half, half), sub_keys, index);
+        let (best, sub_key) = if k < root {
+            scores.topk_with_indices(k, 2)
+        } else {
+            let all =
+                Tensor::<1, Int>::arange(0..root as i64, &device).reshape([1, 1, root]).expand([tokens, heads, root]);
+            (scores, all)
+        };
+        Some((float_primitive(best.reshape([rows, k]))?, int_primitive(sub_key.reshape([rows, k]))?))
+    };
+    let ((best_1, index_1), (best_2, index_2)) = (best(0)?, best(1)?);
+    let scores = float_primitive(Tensor::<2>::zeros([rows, k], &device))?;
+    let ids = int_primitive(Tensor::<2, Int>::zeros([rows, k], &device))?;
+    let (count, dim) = grid(&scores, rows);
+    candidates::launch(
+        &scores.client,
+        count,
+        dim,
+        best_1.into_tensor_arg(),
+        index_1.into_tensor_arg(),
+        best_2.into_tensor_arg(),
+        index_2.into_tensor_arg(),
+        scores.clone().into_tensor_arg(),
+        ids.clone().into_tensor_arg(),
+        root as u32,
+        k,
+        [f32_type(), i32_type()],
+    );
+    let scores = Tensor::<2>::from_primitive::<Cube>(scores).reshape([tokens, heads, k]);
+    Some((scores, Tensor::<2, Int>::from_primitive::<Cube>(ids).reshape([tokens, heads, k])))
+}
+
+/// Product-key retrieval on an autodiff Cube device as one node: the forward pass is
+/// [`retrieve`]'s (sub-key score matmuls, Burn's top-k kernel, the candidate kernel), computed
+/// without autodiff; the backward pass uses that only the `k` selected scores of each row carry a
 /// gradient. With `i`, `j` the sub-keys of a selected expert (`id = i·√N + j`) and `dS` the
 /// scores' gradient: `dq₁ = Σ_p dS_p c_i`, `dq₂ = Σ_p dS_p c'_j` ([`weighted_rows`] over the
 /// sub-key table), `dc_i = Σ dS_p q₁` over the slots that picked `i` ([`row_sums`]), instead of
@@ -474,9 +768,7 @@ pub(crate) fn retrieve_tracked(
 ) -> Option<(Tensor<3>, Tensor<3, Int>)> {
     let [tokens, heads, key_dim] = queries.dims();
     let [key_sets, _, root, half] = sub_keys.dims();
-    let (scores, expert_ids) = super::tensor_ops::retrieve(queries.clone().inner(), sub_keys.clone().inner(), k);
-    float_primitive(scores.clone())?;
-    int_primitive(expert_ids.clone())?;
+    let (scores, expert_ids) = retrieve(&queries.clone().inner(), &sub_keys.clone().inner(), k)?;
     let rows = tokens * heads;
     let tracked = queries.is_autodiff() || sub_keys.is_autodiff();
     let backward = RetrievalBackward {
@@ -544,9 +836,11 @@ impl Vjp for RetrievalBackward {
 mod tests {
     use std::cell::Cell;
 
-    use burn::tensor::{Device, DeviceKind, Distribution, Tensor};
+    use burn::tensor::{Device, DeviceKind, Distribution, Int, Tensor, TensorData};
 
-    use super::spread;
+    use super::{adamw_rows, spread};
+    use crate::sparse_adamw::{RowMoments, SparseAdamWConfig};
+    use crate::table::ExpertTable;
     use crate::{PeerConfig, take_row_gradients};
 
     thread_local! {
@@ -629,6 +923,105 @@ mod tests {
         {
             assert!(a.iter().any(|v| *v != 0.0), "{what}: all zero");
             assert_eq!(a, b, "{what}: a spread grid changed the result");
+        }
+    }
+
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+    }
+
+    fn ints<const D: usize>(t: Tensor<D, Int>) -> Vec<i64> {
+        t.into_data().convert::<i64>().try_to_vec::<i64>().unwrap()
+    }
+
+    /// Three lazy AdamW steps by the kernel, on a table in row blocks of uneven use (weight
+    /// decay, clipping, a fresh row set each step), equal the tensor path's from the same
+    /// start within 1e-5, moments included; rows never touched stay bit-identical.
+    #[test]
+    fn adamw_kernel_equals_the_tensor_path() {
+        let Some(device) = wgpu() else {
+            eprintln!("SKIPPED: no wgpu adapter on this machine (set CI=true to fail instead)");
+            return;
+        };
+        let (rows, width) = (100, 12);
+        let start = Tensor::<2>::random([rows, width], Distribution::Normal(0.0, 1.0), &device);
+        // Blocks of 16 rows, the last one short (100 = 6 · 16 + 4).
+        let table = || {
+            let mut first = 0;
+            ExpertTable::from_fn(rows, width, 16, |[r, _]| {
+                first += r;
+                start.clone().narrow(0, first - r, r).add_scalar(0.0)
+            })
+        };
+        let moments = || RowMoments {
+            moment_1: ExpertTable::from_fn(rows, width, 16, |shape| Tensor::zeros(shape, &device)),
+            moment_2: ExpertTable::from_fn(rows, width, 16, |shape| Tensor::zeros(shape, &device)),
+        };
+        let config = SparseAdamWConfig::new().with_weight_decay(0.1).with_grad_clip_norm(Some(2.0));
+        let (kernel_table, kernel_moments) = (table(), moments());
+        let (tensor_table, tensor_moments) = (table(), moments());
+        let id_sets: [&[i64]; 3] = [&[0, 15, 16, 17, 63, 99], &[15, 40, 98], &[1, 2, 3, 16, 64, 96, 97]];
+        for (step, ids) in id_sets.into_iter().enumerate() {
+            let ids = Tensor::<1, Int>::from_data(TensorData::new(ids.to_vec(), [ids.len()]), &device);
+            let grad = Tensor::<2>::random([ids.dims()[0], width], Distribution::Normal(0.0, 3.0), &device);
+            let lr = 0.05 / (step + 1) as f64;
+            let step = step as i32 + 1;
+            adamw_rows(&config, lr, step, &kernel_table, &kernel_moments, &ids, grad.clone()).expect("the kernel runs");
+            super::super::tensor_ops::adamw_rows(&config, lr, step, &tensor_table, &tensor_moments, &ids, grad);
+        }
+        assert_eq!(kernel_table.num_blocks(), 7);
+        for (what, a, b) in [
+            ("θ", &kernel_table, &tensor_table),
+            ("m", &kernel_moments.moment_1, &tensor_moments.moment_1),
+            ("v", &kernel_moments.moment_2, &tensor_moments.moment_2),
+        ] {
+            let (a, b) = (values(a.val()), values(b.val()));
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "{what}: relative difference {worst}");
+        }
+        let (after, before) = (values(kernel_table.val()), values(start));
+        let touched: Vec<usize> = id_sets.iter().flat_map(|ids| ids.iter().map(|&i| i as usize)).collect();
+        for row in (0..rows).filter(|row| !touched.contains(row)) {
+            assert_eq!(
+                after[row * width..(row + 1) * width],
+                before[row * width..(row + 1) * width],
+                "row {row} moved"
+            );
+        }
+        assert_ne!(after[..width], before[..width], "row 0 was updated");
+    }
+
+    /// The candidate kernel gives the tensor path's top-k (same ids, ties aside, and same
+    /// scores), best first, for shared and per-head keys and k from 1 to √N.
+    #[test]
+    fn candidate_kernel_equals_the_tensor_path() {
+        let Some(device) = wgpu() else {
+            eprintln!("SKIPPED: no wgpu adapter on this machine (set CI=true to fail instead)");
+            return;
+        };
+        let (tokens, heads, half, root) = (9, 3, 5, 16);
+        for (key_sets, k) in [(1, 1), (1, 7), (3, 16), (3, 4), (1, 13)] {
+            let queries = Tensor::<3>::random([tokens, heads, 2 * half], Distribution::Normal(0.0, 1.0), &device);
+            let keys = Tensor::<4>::random([key_sets, 2, root, half], Distribution::Normal(0.0, 1.0), &device);
+            let (scores, ids) = super::retrieve(&queries, &keys, k).expect("the kernel runs");
+            let (want_scores, want_ids) = super::super::tensor_ops::retrieve(queries, keys, k);
+            let (scores, ids) = (values(scores), ints(ids));
+            let (want_scores, want_ids) = (values(want_scores), ints(want_ids));
+            for row in 0..tokens * heads {
+                let range = row * k..(row + 1) * k;
+                let got = &scores[range.clone()];
+                assert!(got.windows(2).all(|w| w[0] >= w[1]), "k = {k}, row {row}: not best first: {got:?}");
+                let mut want: Vec<(f32, i64)> =
+                    want_scores[range.clone()].iter().copied().zip(want_ids[range.clone()].iter().copied()).collect();
+                want.sort_by(|a, b| b.0.total_cmp(&a.0));
+                for (p, (&score, &(want_score, want_id))) in got.iter().zip(&want).enumerate() {
+                    assert!((score - want_score).abs() < 1e-5, "k = {k}, row {row}, rank {p}: {score} vs {want_score}");
+                    let tied = want.iter().filter(|w| (w.0 - want_score).abs() < 1e-5).count() > 1;
+                    if !tied {
+                        assert_eq!(ids[row * k + p], want_id, "k = {k}, row {row}, rank {p}");
+                    }
+                }
+            }
         }
     }
 }

@@ -14,11 +14,12 @@
 //! | operation | host (Flex) | cube (wgpu) | tensor ops |
 //! |---|---|---|---|
 //! | whole layer: retrieval, router weights and experts as one autodiff node ([`fused_layer`]) | yes | no (`Peer` composes the parts) | no |
-//! | retrieval without autodiff ([`retrieve`]): sub-key scores, top-k per half, candidates, top-k | yes | no (Burn's top-k kernel) | yes |
+//! | retrieval ([`retrieve`]): sub-key scores, top-k per half, candidates, top-k | yes (without autodiff) | the candidate step (after Burn's matmuls and top-k kernel), with a row-sparse backward pass on autodiff devices | yes |
 //! | experts without autodiff, forward ([`experts_forward`]) and backward with row gradients ([`experts_backward`]) | yes | yes | yes |
 //! | experts with dense table gradients ([`experts_forward_tracked`]) | no | no | yes |
 //! | the expert balance sum over the selected experts ([`expert_balance`]) | yes, `O(rows · selected)` | no | yes, `O(rows · N)` |
-//! | distinct rows of a step ([`touched_rows`]), the lazy AdamW row update ([`adamw_rows`]) | no | no | yes |
+//! | distinct rows of a step ([`touched_rows`]) | no | no | yes |
+//! | the lazy AdamW row update, in place ([`adamw_rows`]) | no | yes | yes |
 //!
 //! Where a family cannot take the tensors it is given (not f32, say), the call falls back to
 //! tensor ops.
@@ -106,6 +107,7 @@ pub(crate) fn retrieve(
 ) -> (Tensor<3>, Tensor<3, Int>) {
     let found = match (family(&queries.device()), queries.is_autodiff() || sub_keys.is_autodiff()) {
         (Family::FlexHost, false) => host::retrieve(product_keys, &queries, &sub_keys),
+        (Family::Cube, false) => cube::retrieve(&queries, &sub_keys, product_keys.top_k),
         (Family::Cube, true) if custom_op::supported(&queries) => {
             cube::retrieve_tracked(queries.clone(), sub_keys.clone(), product_keys.top_k)
         }
@@ -199,5 +201,10 @@ pub(crate) fn adamw_rows(
     ids: &Tensor<1, Int>,
     grad: Tensor<2>,
 ) {
+    if let Family::Cube = family(&ids.device())
+        && cube::adamw_rows(config, lr, step, table, moments, ids, grad.clone()).is_some()
+    {
+        return;
+    }
     tensor_ops::adamw_rows(config, lr, step, table, moments, ids, grad)
 }

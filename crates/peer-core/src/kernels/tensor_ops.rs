@@ -266,6 +266,14 @@ fn prefix_sum(x: Tensor<1, Int>) -> Tensor<1, Int> {
     sum
 }
 
+/// The gradient-clipping coefficient `min(1, c / (‖grad‖₂ + tiny))` (`[1]`) where the
+/// configuration clips.
+pub(crate) fn clip_coefficient(config: &SparseAdamWConfig, grad: &Tensor<2>) -> Option<Tensor<1>> {
+    let threshold = config.grad_clip_norm?;
+    let norm = grad.clone().square().sum().sqrt();
+    Some((norm.add_scalar(f32::MIN_POSITIVE).recip() * threshold).clamp_max(1.0))
+}
+
 /// The lazy AdamW rule on rows `ids` (see [`crate::sparse_adamw`]), through
 /// [`ExpertTable::update_rows`], in groups of [`UPDATE_ROWS`] so the temporaries (old and new
 /// rows of θ, m, v) stay bounded whatever number of rows a step touched.
@@ -278,12 +286,8 @@ pub(crate) fn adamw_rows(
     ids: &Tensor<1, Int>,
     grad: Tensor<2>,
 ) {
-    let grad = match config.grad_clip_norm {
-        Some(threshold) => {
-            let norm = grad.clone().square().sum().sqrt();
-            let coefficient = (norm.add_scalar(f32::MIN_POSITIVE).recip() * threshold).clamp_max(1.0);
-            grad * coefficient.unsqueeze()
-        }
+    let grad = match clip_coefficient(config, &grad) {
+        Some(coefficient) => grad * coefficient.unsqueeze(),
         None => grad,
     };
     let (beta_1, beta_2) = (config.beta_1, config.beta_2);

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use burn::tensor::Device;
 use peer_core::{KeyScoring, ProductKeysConfig};
 
+use super::backends::wgpu_device;
 use super::reference::{HostKeys, Rng, brute_force_top_k, host, host_int, tensor};
 
 /// 240 random cases over N ∈ {4², 8², 16², 32², 64²}, k ∈ 1..=√N, 1–8 heads, shared and
@@ -13,11 +14,29 @@ use super::reference::{HostKeys, Rng, brute_force_top_k, host, host_int, tensor}
 /// by device).
 #[test]
 fn retrieval_equals_brute_force_top_k() {
-    let mut rng = Rng::new(0x5EED);
+    let (compared, near_ties) = brute_force_cases(Device::flex(), 240, 0x5EED);
+    assert!(compared > 2000, "only {compared} queries compared");
+    assert!(near_ties * 100 < compared, "{near_ties} near-ties out of {compared}");
+}
+
+/// The same comparison on wgpu, 60 cases (plain: the candidate kernel; autodiff: the kernel
+/// inside the row-sparse retrieval node).
+#[test]
+fn retrieval_equals_brute_force_top_k_on_wgpu() {
+    let Some(wgpu) = wgpu_device() else { return };
+    let (compared, near_ties) = brute_force_cases(wgpu, 60, 0x6B0D);
+    assert!(compared > 400, "only {compared} queries compared");
+    assert!(near_ties * 50 < compared, "{near_ties} near-ties out of {compared}");
+}
+
+/// `cases` random retrievals on `base` (even cases plain, odd ones on its autodiff device)
+/// checked against brute force: the queries compared, and those skipped as near-ties.
+fn brute_force_cases(base: Device, cases: usize, seed: u64) -> (usize, usize) {
+    let mut rng = Rng::new(seed);
     let roots = [4usize, 8, 16, 32, 64];
     let mut compared = 0;
     let mut near_ties = 0;
-    for case in 0..240 {
+    for case in 0..cases {
         let root = roots[case % roots.len()];
         let k = rng.range(1, root);
         let heads = rng.range(1, 8);
@@ -28,7 +47,7 @@ fn retrieval_equals_brute_force_top_k() {
         let key_dim = 2 * half;
         let shared = rng.uniform() < 0.5;
         let tokens = rng.range(1, 7);
-        let device = if case % 2 == 0 { Device::flex() } else { Device::flex().autodiff() };
+        let device = if case % 2 == 0 { base.clone() } else { base.clone().autodiff() };
         let keys = ProductKeysConfig::new(root * root, key_dim, k, heads)
             .with_shared(shared)
             .with_scoring(scoring)
@@ -75,8 +94,7 @@ fn retrieval_equals_brute_force_top_k() {
             }
         }
     }
-    assert!(compared > 2000, "only {compared} queries compared");
-    assert!(near_ties * 100 < compared, "{near_ties} near-ties out of {compared}");
+    (compared, near_ties)
 }
 
 /// `full_keys` lays key (i, j) out as `[c_i ; c'_j]` at row `i·√N + j`.
@@ -140,7 +158,11 @@ fn long_sub_key_rows_equal_brute_force_top_k() {
 /// A NaN query yields valid expert ids (no panic, nothing out of range) on every path.
 #[test]
 fn nan_queries_give_valid_ids() {
-    for device in [Device::flex(), Device::flex().autodiff()] {
+    let mut devices = vec![Device::flex(), Device::flex().autodiff()];
+    if let Some(wgpu) = wgpu_device() {
+        devices.extend([wgpu.clone(), wgpu.autodiff()]);
+    }
+    for device in devices {
         let keys = ProductKeysConfig::new(128 * 128, 4, 8, 2).init(&device);
         let mut queries = vec![0.5f32; 3 * 2 * 4];
         queries[5] = f32::NAN;

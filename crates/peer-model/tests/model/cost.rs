@@ -31,7 +31,8 @@ fn layer_costs_match_hand_counts() {
     assert_eq!(moe.active_params, 256 * 128 + 2 * 2 * 256 * 64);
     assert_eq!(moe.flops_per_token, 2.0 * (256.0 * 128.0 + 2.0 * 2.0 * 256.0 * 64.0));
 
-    // PKM: N = 32², h = 4, k = 8, d = 64, LayerNorm, per-head keys.
+    // PKM: N = 32², h = 4, k = 8, d = 64, LayerNorm, per-head keys, cosine scoring (one
+    // learned scale).
     let pkm = PkmConfig::new(128, 32 * 32)
         .with_heads(4)
         .with_top_k(8)
@@ -40,7 +41,7 @@ fn layer_costs_match_hand_counts() {
         .with_shared_keys(false)
         .cost();
     let query = 128 * 4 * 64 + 2 * 64;
-    let keys = 4 * 32 * 64;
+    let keys = 4 * 32 * 64 + 1;
     assert_eq!(pkm.params, query + keys + 1024 * 128);
     assert_eq!(pkm.active_params, query + keys + 4 * 8 * 128);
 }
