@@ -716,6 +716,9 @@ pub(crate) fn retrieve(queries: &Tensor<3>, sub_keys: &Tensor<4>, k: usize) -> O
     let [tokens, heads, key_dim] = queries.dims();
     let [_, _, root, half] = sub_keys.dims();
     debug_assert_eq!(2 * half, key_dim);
+    // The kernel takes f32 scores: other dtypes go to the tensor path before any work here.
+    float_primitive(queries.clone())?;
+    float_primitive(sub_keys.clone())?;
     let device = queries.device();
     let rows = tokens * heads;
     let best = |index: usize| {
@@ -870,7 +873,8 @@ mod tests {
         }
     }
 
-    /// The wgpu device (under `CI=true` a missing adapter fails instead of skipping).
+    /// The wgpu device; `None`, said on stderr, where the machine has no adapter (under
+    /// `CI=true` that fails instead).
     fn wgpu() -> Option<Device> {
         let device = Device::wgpu(DeviceKind::DefaultDevice);
         let probe = device.clone();
@@ -878,6 +882,9 @@ mod tests {
             .unwrap_or(false);
         if !works && std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("CI=true but wgpu found no working adapter: install mesa-vulkan-drivers libvulkan1");
+        }
+        if !works {
+            eprintln!("SKIPPED: no wgpu adapter on this machine (set CI=true to fail instead)");
         }
         works.then_some(device)
     }
@@ -905,10 +912,7 @@ mod tests {
     /// every kernel numbers its cubes by `CUBE_POS` and skips the cubes past its work.
     #[test]
     fn spread_grids_compute_the_same_step() {
-        let Some(device) = wgpu() else {
-            eprintln!("SKIPPED: no wgpu adapter on this machine (set CI=true to fail instead)");
-            return;
-        };
+        let Some(device) = wgpu() else { return };
         let device = device.autodiff();
         let peer = PeerConfig::new(16, 32 * 32).with_heads(4).with_top_k(6).with_key_dim(12).init(&device);
         // 210 tokens, 840 retrieval rows: with 10 cubes per dimension the per-token launches
@@ -939,10 +943,7 @@ mod tests {
     /// start within 1e-5, moments included; rows never touched stay bit-identical.
     #[test]
     fn adamw_kernel_equals_the_tensor_path() {
-        let Some(device) = wgpu() else {
-            eprintln!("SKIPPED: no wgpu adapter on this machine (set CI=true to fail instead)");
-            return;
-        };
+        let Some(device) = wgpu() else { return };
         let (rows, width) = (100, 12);
         let start = Tensor::<2>::random([rows, width], Distribution::Normal(0.0, 1.0), &device);
         // Blocks of 16 rows, the last one short (100 = 6 · 16 + 4).
@@ -995,10 +996,7 @@ mod tests {
     /// scores), best first, for shared and per-head keys and k from 1 to √N.
     #[test]
     fn candidate_kernel_equals_the_tensor_path() {
-        let Some(device) = wgpu() else {
-            eprintln!("SKIPPED: no wgpu adapter on this machine (set CI=true to fail instead)");
-            return;
-        };
+        let Some(device) = wgpu() else { return };
         let (tokens, heads, half, root) = (9, 3, 5, 16);
         for (key_sets, k) in [(1, 1), (1, 7), (3, 16), (3, 4), (1, 13)] {
             let queries = Tensor::<3>::random([tokens, heads, 2 * half], Distribution::Normal(0.0, 1.0), &device);
