@@ -891,7 +891,6 @@ mod tests {
 
     /// Every output of one training step of a layer, as host values.
     fn step_values(peer: &crate::Peer, x: &Tensor<3>) -> Vec<Vec<f32>> {
-        let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
         let x = x.clone().require_grad();
         let (y, _) = peer.forward_with_routing(x.clone());
         let [batch, seq, d_model] = y.dims();
@@ -930,6 +929,7 @@ mod tests {
         }
     }
 
+    /// A tensor's values on the host.
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
     }
