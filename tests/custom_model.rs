@@ -22,10 +22,7 @@ use custom_model::{Model, TabularBatcher, examples};
 fn devices() -> Vec<(&'static str, Device)> {
     let mut devices = vec![("flex", Device::flex())];
     let wgpu = Device::wgpu(DeviceKind::DefaultDevice);
-    let probe = wgpu.clone();
-    let works = std::panic::catch_unwind(move || Tensor::<1>::ones([4], &probe).sum().into_scalar::<f32>() == 4.0)
-        .unwrap_or(false);
-    if works {
+    if peer_core::device_works(&wgpu) {
         devices.push(("wgpu", wgpu));
     } else if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("CI=true but wgpu found no working adapter: install mesa-vulkan-drivers libvulkan1");

@@ -72,10 +72,7 @@ pub fn available_devices(names: &[String]) -> Vec<(String, Device)> {
     all.into_iter()
         .filter(|(name, _)| names.is_empty() || names.contains(name))
         .filter(|(name, device)| {
-            let probe = device.clone();
-            let ok =
-                catch_unwind(AssertUnwindSafe(|| Tensor::<1>::ones([2], &probe).sum().into_scalar::<f32>() == 2.0))
-                    .unwrap_or(false);
+            let ok = peer::core::device_works(device);
             if !ok {
                 eprintln!("skipping {name}: no working device");
             }

@@ -201,11 +201,13 @@ impl ProductKeys {
             let s = half_scores(queries.clone().narrow(2, h * half, half), &keys, h);
             if key_sets == 1 { s.reshape([1, rows, root]) } else { s.swap_dims(0, 1) }
         });
-        // The key set of every selection.
-        let set = if key_sets == 1 {
-            Tensor::<3, Int>::zeros([tokens, heads, k], &device)
-        } else {
-            Tensor::<1, Int>::arange(0..heads as i64, &device).reshape([1, heads, 1]).expand([tokens, heads, k])
+        // The key set of every selection (built only by the targets that count per key set).
+        let set = || {
+            if key_sets == 1 {
+                Tensor::<3, Int>::zeros([tokens, heads, k], &device)
+            } else {
+                Tensor::<1, Int>::arange(0..heads as i64, &device).reshape([1, heads, 1]).expand([tokens, heads, k])
+            }
         };
         let slots = tokens * heads * k;
         let count = |picks: Tensor<1, Int>, targets: usize| {
@@ -222,7 +224,7 @@ impl ProductKeys {
             Balance::SubKeys => {
                 let (p1, p2) = (softmax(s1, 2), softmax(s2, 2)); // each half's softmax over its sub-keys
                 let soft = Tensor::cat(vec![p1.mean_dim(1), p2.mean_dim(1)], 1); // [key_sets, 2, √N]
-                let offset = set * (2 * root) as i64;
+                let offset = set() * (2 * root) as i64;
                 let first = offset.clone() + expert_ids.clone().div_scalar(root as i64);
                 let second = offset + expert_ids.remainder_scalar(root as i64) + root as i64;
                 let picks = Tensor::cat(vec![first.reshape([slots]), second.reshape([slots])], 0);
@@ -242,7 +244,7 @@ impl ProductKeys {
                         .expand([key_sets, slots]);
                     ((all + offset).reshape([key_sets * slots]), slots as f64)
                 } else {
-                    ((set * n + expert_ids).reshape([slots]), per_set)
+                    ((set() * n + expert_ids).reshape([slots]), per_set)
                 };
                 kernels::expert_balance(s1, s2, picks, per_set)
                     .mul_scalar((root * root) as f64 / (rows * key_sets) as f64)

@@ -81,7 +81,24 @@ impl DeviceChoice {
             Self::Flex => Ok(Device::flex()),
             #[allow(deprecated)]
             Self::Ndarray => Ok(Device::ndarray()),
-            Self::Wgpu => Ok(Device::wgpu(DeviceKind::DefaultDevice)),
+            Self::Wgpu => {
+                let device = Device::wgpu(DeviceKind::DefaultDevice);
+                // Without an adapter Burn panics in the first op; say so here instead, without
+                // the panic's own report.
+                let hook = std::panic::take_hook();
+                std::panic::set_hook(Box::new(|_| {}));
+                let works = peer_core::device_works(&device);
+                std::panic::set_hook(hook);
+                if !works {
+                    return Err(TrainError::Device(
+                        "device `wgpu` found no working adapter on this machine (it needs a Vulkan, Metal or DX12 \
+                         driver; on Debian `apt-get install mesa-vulkan-drivers libvulkan1` adds a CPU one); \
+                         use --device flex"
+                            .into(),
+                    ));
+                }
+                Ok(device)
+            }
             Self::Cuda => Err(TrainError::Device(
                 "device `cuda` is not compiled into this build (Burn's `cuda` feature); available: flex, ndarray, wgpu"
                     .into(),

@@ -29,7 +29,7 @@ use crate::corpus::Corpus;
 use crate::data::{LmBatcher, TokenWindows};
 use crate::error::{TrainError, io};
 use crate::learner::{AtomicFileCheckpointer, ExpertUpdates, LanguageModel, last_complete_checkpoint};
-use crate::metrics::{ExpertUsageMetric, LossGuard, RoutingStatistic, TokensPerSecondMetric, accumulate_usage};
+use crate::metrics::{ExpertUsageMetric, LossGuard, RoutingStatistic, TokensPerSecondMetric};
 use crate::renderer::LineRenderer;
 use crate::tokenizer::TextTokenizer;
 
@@ -489,8 +489,8 @@ pub fn evaluate(
     let loader = loader.to_device(&device.clone().without_autodiff());
     let mut nll = 0.0;
     let mut tokens = 0usize;
-    let mut usage: Vec<(usize, ExpertUsage)> = Vec::new();
-    let mut token_load: Vec<TokenLoad> = Vec::new();
+    // Per routed block, in order of first sight: its load, and the same selections by input token.
+    let mut blocks: Vec<(usize, ExpertUsage, TokenLoad)> = Vec::new();
     let mut target_ids: Vec<u32> = Vec::new();
     for batch in loader.iter() {
         let batch = batch.map_err(|e| TrainError::Training(format!("validation data: {e}")))?;
@@ -500,19 +500,27 @@ pub fn evaluate(
         nll += cross_entropy.into_scalar::<f64>() * (b * s) as f64;
         tokens += b * s;
         target_ids.extend(batch.targets.to_data().iter::<i64>().map(|t| t as u32));
-        accumulate_usage(&mut usage, &output.routings);
-        // One accumulator per routed block, in routing order (as `usage` is built).
-        for (index, routing) in output.routings.iter().enumerate() {
-            if index == token_load.len() {
-                token_load.push(TokenLoad::new(routing.num_experts));
-            }
-            token_load[index].add_routing(&inputs, &routing.routing);
+        for routing in &output.routings {
+            let index = match blocks.iter().position(|(block, ..)| *block == routing.block) {
+                Some(index) => index,
+                None => {
+                    let n = routing.num_experts;
+                    blocks.push((routing.block, ExpertUsage::new(n), TokenLoad::new(n)));
+                    blocks.len() - 1
+                }
+            };
+            // One readback of the ids serves both accumulators.
+            let [_, _, heads, k] = routing.routing.expert_ids.dims();
+            let ids: Vec<i64> = routing.routing.expert_ids.to_data().iter::<i64>().collect();
+            let weights: Vec<f64> = routing.routing.router_weights.to_data().iter::<f64>().collect();
+            let (_, usage, load) = &mut blocks[index];
+            usage.add_heads(&ids, &weights, heads, k);
+            load.add(&inputs, &ids);
         }
     }
-    let routing = usage
+    let routing = blocks
         .iter()
-        .zip(&token_load)
-        .map(|((block, usage), load)| BlockDiagnostics {
+        .map(|(block, usage, load)| BlockDiagnostics {
             block: *block,
             report: RoutingReport::new(usage, model.product_keys(*block)),
             load_curve: load_curve(&usage.sorted_load()),

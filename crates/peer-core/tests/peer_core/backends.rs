@@ -10,10 +10,7 @@ use super::reference::{Rng, host, host_int, randomize_weights, relative_error, t
 /// adapter fails the test instead: CI installs Mesa's Vulkan driver, so wgpu must run there.
 pub fn wgpu_device() -> Option<Device> {
     let device = Device::wgpu(DeviceKind::DefaultDevice);
-    let probe = device.clone();
-    let works = std::panic::catch_unwind(move || Tensor::<1>::ones([4], &probe).sum().into_scalar::<f32>() == 4.0)
-        .unwrap_or(false);
-    if works {
+    if peer_core::device_works(&device) {
         return Some(device);
     }
     if std::env::var("CI").is_ok_and(|v| v == "true") {
