@@ -74,7 +74,7 @@ pub use expert_updates::{ExpertPool, apply_expert_updates, discard_row_gradients
 pub use experts::{ExpertGradients, Experts, RowGradients, TouchedRows, touched_rows};
 pub use kernels::set_gpu_kernels;
 pub use moe::{Moe, MoeConfig, MoeRouting};
-pub use peer::{Peer, PeerRouting};
+pub use peer::{HostRouting, Peer, PeerRouting};
 pub use pkm::{Pkm, PkmConfig};
 pub use product_keys::{ProductKeys, ProductKeysConfig};
 pub use query::QueryNetwork;

@@ -28,7 +28,35 @@ pub struct PeerRouting {
     pub balance_loss: Option<Tensor<1>>,
 }
 
+/// A [`PeerRouting`] read back to the host ([`PeerRouting::to_host`]): one transfer that
+/// [`ExpertUsage`](crate::ExpertUsage) and [`TokenLoad`](crate::TokenLoad) can both take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRouting {
+    /// `[batch, seq, heads, k]`.
+    pub dims: [usize; 4],
+    /// Expert ids, row-major over `dims`.
+    pub expert_ids: Vec<i64>,
+    /// Router weights, laid out as `expert_ids`.
+    pub router_weights: Vec<f64>,
+}
+
+impl HostRouting {
+    /// Routed positions: `batch · seq`.
+    pub fn positions(&self) -> usize {
+        self.dims[0] * self.dims[1]
+    }
+}
+
 impl PeerRouting {
+    /// Reads the expert ids and router weights back to the host (waits for the device).
+    pub fn to_host(&self) -> HostRouting {
+        HostRouting {
+            dims: self.expert_ids.dims(),
+            expert_ids: self.expert_ids.to_data().iter::<i64>().collect(),
+            router_weights: self.router_weights.to_data().iter::<f64>().collect(),
+        }
+    }
+
     /// The routing of `batch × seq` tokens from `[tokens, heads, k]` ids and weights.
     pub(crate) fn new(expert_ids: Tensor<3, Int>, router_weights: Tensor<3>, [batch, seq]: [usize; 2]) -> Self {
         let [_, heads, k] = expert_ids.dims();

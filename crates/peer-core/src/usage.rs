@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::config::exact_sqrt;
-use crate::peer::PeerRouting;
+use crate::peer::{HostRouting, PeerRouting};
 use crate::product_keys::ProductKeys;
 
 /// Accumulates a layer's routing over any number of batches and reports its statistics.
@@ -116,10 +116,16 @@ impl ExpertUsage {
 
     /// Adds the routing of one forward pass (reads it back to the host).
     pub fn add_routing(&mut self, routing: &PeerRouting) {
-        let [_, _, heads, k] = routing.expert_ids.dims();
-        let ids: Vec<i64> = routing.expert_ids.to_data().iter::<i64>().collect();
-        let weights: Vec<f64> = routing.router_weights.to_data().iter::<f64>().collect();
-        self.add_heads(&ids, &weights, heads, k);
+        self.add_host_routing(&routing.to_host());
+    }
+
+    /// Adds a routing already read back to the host.
+    ///
+    /// # Panics
+    /// As [`add_heads`](Self::add_heads).
+    pub fn add_host_routing(&mut self, routing: &HostRouting) {
+        let [_, _, heads, k] = routing.dims;
+        self.add_heads(&routing.expert_ids, &routing.router_weights, heads, k);
     }
 
     /// Adds everything another accumulator has seen.
@@ -352,10 +358,22 @@ impl TokenLoad {
     /// # Panics
     /// If `tokens` does not have one entry per routed position.
     pub fn add_routing(&mut self, tokens: &[u32], routing: &PeerRouting) {
-        let [batch, seq, _, _] = routing.expert_ids.dims();
-        assert_eq!(tokens.len(), batch * seq, "TokenLoad::add_routing: tokens for {batch} × {seq} positions");
-        let ids: Vec<i64> = routing.expert_ids.to_data().iter::<i64>().collect();
-        self.add(tokens, &ids);
+        self.add_host_routing(tokens, &routing.to_host());
+    }
+
+    /// As [`add_routing`](Self::add_routing), for a routing already read back to the host.
+    ///
+    /// # Panics
+    /// If `tokens` does not have one entry per routed position.
+    pub fn add_host_routing(&mut self, tokens: &[u32], routing: &HostRouting) {
+        let [batch, seq, _, _] = routing.dims;
+        assert_eq!(
+            tokens.len(),
+            routing.positions(),
+            "TokenLoad::add_routing: {} tokens for {batch} × {seq} positions",
+            tokens.len()
+        );
+        self.add(tokens, &routing.expert_ids);
     }
 
     /// What the `count` most frequent input tokens contribute to the load (ties: lower id first).

@@ -273,15 +273,21 @@ impl Numeric for ExpertUsageMetric {
 /// sight), keyed by block index.
 pub fn accumulate_usage(blocks: &mut Vec<(usize, ExpertUsage)>, routings: &[BlockRouting]) {
     for routing in routings {
-        let index = match blocks.iter().position(|(b, _)| *b == routing.block) {
-            Some(i) => i,
-            None => {
-                blocks.push((routing.block, ExpertUsage::new(routing.num_experts)));
-                blocks.len() - 1
-            }
-        };
-        blocks[index].1.add_routing(&routing.routing);
+        block_entry(blocks, routing.block, || ExpertUsage::new(routing.num_experts)).add_routing(&routing.routing);
     }
+}
+
+/// The accumulator of `block` in `blocks`, appended (made by `new`) on first sight, so that
+/// `blocks` keeps the order in which the blocks were first seen.
+pub(crate) fn block_entry<T>(blocks: &mut Vec<(usize, T)>, block: usize, new: impl FnOnce() -> T) -> &mut T {
+    let index = match blocks.iter().position(|(b, _)| *b == block) {
+        Some(index) => index,
+        None => {
+            blocks.push((block, new()));
+            blocks.len() - 1
+        }
+    };
+    &mut blocks[index].1
 }
 
 /// Stops training (through Burn's [`Interrupter`], before the epoch's checkpoint is written)

@@ -29,7 +29,7 @@ use crate::corpus::Corpus;
 use crate::data::{LmBatcher, TokenWindows};
 use crate::error::{TrainError, io};
 use crate::learner::{AtomicFileCheckpointer, ExpertUpdates, LanguageModel, last_complete_checkpoint};
-use crate::metrics::{ExpertUsageMetric, LossGuard, RoutingStatistic, TokensPerSecondMetric};
+use crate::metrics::{ExpertUsageMetric, LossGuard, RoutingStatistic, TokensPerSecondMetric, block_entry};
 use crate::renderer::LineRenderer;
 use crate::tokenizer::TextTokenizer;
 
@@ -490,7 +490,7 @@ pub fn evaluate(
     let mut nll = 0.0;
     let mut tokens = 0usize;
     // Per routed block, in order of first sight: its load, and the same selections by input token.
-    let mut blocks: Vec<(usize, ExpertUsage, TokenLoad)> = Vec::new();
+    let mut blocks: Vec<(usize, (ExpertUsage, TokenLoad))> = Vec::new();
     let mut target_ids: Vec<u32> = Vec::new();
     for batch in loader.iter() {
         let batch = batch.map_err(|e| TrainError::Training(format!("validation data: {e}")))?;
@@ -501,26 +501,17 @@ pub fn evaluate(
         tokens += b * s;
         target_ids.extend(batch.targets.to_data().iter::<i64>().map(|t| t as u32));
         for routing in &output.routings {
-            let index = match blocks.iter().position(|(block, ..)| *block == routing.block) {
-                Some(index) => index,
-                None => {
-                    let n = routing.num_experts;
-                    blocks.push((routing.block, ExpertUsage::new(n), TokenLoad::new(n)));
-                    blocks.len() - 1
-                }
-            };
-            // One readback of the ids serves both accumulators.
-            let [_, _, heads, k] = routing.routing.expert_ids.dims();
-            let ids: Vec<i64> = routing.routing.expert_ids.to_data().iter::<i64>().collect();
-            let weights: Vec<f64> = routing.routing.router_weights.to_data().iter::<f64>().collect();
-            let (_, usage, load) = &mut blocks[index];
-            usage.add_heads(&ids, &weights, heads, k);
-            load.add(&inputs, &ids);
+            let n = routing.num_experts;
+            let (usage, load) = block_entry(&mut blocks, routing.block, || (ExpertUsage::new(n), TokenLoad::new(n)));
+            // One readback serves both accumulators.
+            let host = routing.routing.to_host();
+            usage.add_host_routing(&host);
+            load.add_host_routing(&inputs, &host);
         }
     }
     let routing = blocks
         .iter()
-        .map(|(block, usage, load)| BlockDiagnostics {
+        .map(|(block, (usage, load))| BlockDiagnostics {
             block: *block,
             report: RoutingReport::new(usage, model.product_keys(*block)),
             load_curve: load_curve(&usage.sorted_load()),

@@ -2,7 +2,9 @@
 //! sub-key norms) against hand-computed values.
 
 use burn::tensor::Device;
-use peer_core::{ExpertUsage, KeyScoring, PeerConfig, ProductKeysConfig, RoutingReport, Spread, TokenLoad};
+use peer_core::{
+    ExpertUsage, HostRouting, KeyScoring, PeerConfig, ProductKeysConfig, RoutingReport, Spread, TokenLoad,
+};
 
 use super::reference::{Rng, host, host_int, set_param, tensor};
 
@@ -66,6 +68,14 @@ fn add_routing_accumulates_router_weights() {
     // Softmax weights: each of the 3 tokens × 2 heads contributes 1.
     let total: f64 = usage.weights().iter().sum();
     assert!((total - 6.0).abs() < 1e-5);
+
+    // The host copy holds the same ids and weights, and adds up to the same usage.
+    let host_routing = routing.to_host();
+    assert_eq!(host_routing.dims, [1, 3, 2, 2]);
+    assert_eq!(host_routing.expert_ids, ids);
+    let mut from_host = ExpertUsage::new(16);
+    from_host.add_host_routing(&host_routing);
+    assert_eq!(from_host, usage);
 }
 
 #[test]
@@ -211,6 +221,15 @@ fn frequent_tokens_of_a_hand_made_routing() {
     let all = load.frequent_tokens(10);
     assert_eq!(all.tokens.len(), 4);
     assert!(all.top_1_percent_share_without_them.is_nan());
+}
+
+/// Four tokens against a routing of two positions × two selections: the ids would split
+/// evenly into four positions (which [`TokenLoad::add`] accepts), but not one per token.
+#[test]
+#[should_panic(expected = "4 tokens for 1 × 2 positions")]
+fn token_load_rejects_tokens_that_are_not_the_routed_positions() {
+    let routing = HostRouting { dims: [1, 2, 1, 2], expert_ids: vec![0, 1, 2, 3], router_weights: vec![0.5; 4] };
+    TokenLoad::new(8).add_host_routing(&[1, 2, 3, 4], &routing);
 }
 
 #[test]
