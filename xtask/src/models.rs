@@ -40,7 +40,9 @@ pub struct ModelsArgs {
     pub seeds: Option<usize>,
     /// Training runs at a time, each in a process of its own. One run keeps about 1.1 of 2
     /// cores busy (the step has serial parts), so 2 finish the benchmark in well under the
-    /// time of 1; tokens/s are then per run, with the cores shared.
+    /// time of 1; tokens/s are then per run, with the cores shared. A run joins another only
+    /// if both fit in the memory available at the start (about 56 bytes per parameter each:
+    /// the 1024² runs, 14.5 GB each, train one at a time on a 24 GiB machine).
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
     /// √N of the PEER sweep [default: 128,256,512,1024 at full size]; the first sets the FLOPs
@@ -249,10 +251,30 @@ pub fn models(args: &ModelsArgs) {
             true
         }
     });
+    let budget = available_memory();
+    let memory = |index: usize| runs[index].1.cost().params as f64 * RUN_BYTES_PER_PARAM;
+    let mut told_to_wait = None;
     while !pending.is_empty() || !running.is_empty() {
         while running.len() < args.jobs.max(1)
-            && let Some((index, seed)) = pending.pop()
+            && let Some(&(index, seed)) = pending.last()
         {
+            // A run always starts when nothing else runs; another one joins only if the
+            // estimated peaks of all of them fit in memory (two 1024² runs do not in 24 GiB).
+            let in_use: f64 = running.iter().map(|((i, _), _)| memory(*i)).sum();
+            if let Some(budget) = budget.filter(|&b| !running.is_empty() && in_use + memory(index) > b) {
+                if told_to_wait != Some((index, seed)) {
+                    eprintln!(
+                        "{} seed {seed}: waits for memory (about {:.1} GB at its peak, {:.1} GB of {:.1} GB taken)",
+                        runs[index].0,
+                        memory(index) / 1e9,
+                        in_use / 1e9,
+                        budget / 1e9
+                    );
+                    told_to_wait = Some((index, seed));
+                }
+                break;
+            }
+            pending.pop();
             let dir = run_dir(index, seed);
             std::fs::create_dir_all(&dir).expect("bench run folder");
             let log = std::fs::File::create(dir.join("bench.log")).expect("bench run log");
@@ -324,6 +346,20 @@ pub fn models(args: &ModelsArgs) {
 }
 
 /// Trains one model with one seed (the body of a `bench models` child process).
+/// Peak resident memory of one training run per parameter, measured on Flex: a PEER 1024² run
+/// (269 M parameters) peaked at 14.5 GB (weights, gradients, two Adam moments, the autodiff
+/// graph's copies and the checkpoint's serialisation).
+const RUN_BYTES_PER_PARAM: f64 = 56.0;
+
+/// The memory the concurrent runs may share: what Linux reports available (`MemAvailable`)
+/// when the benchmark starts; `None` where it cannot be read, and then only `--jobs` limits.
+fn available_memory() -> Option<f64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|line| line.starts_with("MemAvailable:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0)
+}
+
 fn train_one(
     size: &Size,
     corpus: &Corpus,
