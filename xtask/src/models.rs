@@ -345,10 +345,8 @@ pub fn models(args: &ModelsArgs) {
     report_models(&size, &base, tokens, &results, wall, args.jobs.max(1));
 }
 
-/// Trains one model with one seed (the body of a `bench models` child process).
 /// Peak resident memory of one training run per parameter, measured on Flex: a PEER 1024² run
-/// (269 M parameters) peaked at 14.5 GB (weights, gradients, two Adam moments, the autodiff
-/// graph's copies and the checkpoint's serialisation).
+/// (270 M parameters) peaked at 14.5 GB (its `VmHWM`).
 const RUN_BYTES_PER_PARAM: f64 = 56.0;
 
 /// The memory the concurrent runs may share: what Linux reports available (`MemAvailable`)
@@ -360,6 +358,7 @@ fn available_memory() -> Option<f64> {
     Some(kib * 1024.0)
 }
 
+/// Trains one model with one seed (the body of a `bench models` child process).
 fn train_one(
     size: &Size,
     corpus: &Corpus,
