@@ -261,7 +261,7 @@ pub fn models(args: &ModelsArgs) {
             // A run always starts when nothing else runs; another one joins only if the
             // estimated peaks of all of them fit in memory (two 1024² runs do not in 24 GiB).
             let in_use: f64 = running.iter().map(|((i, _), _)| memory(*i)).sum();
-            if let Some(budget) = budget.filter(|&b| !running.is_empty() && in_use + memory(index) > b) {
+            if let Some(budget) = budget.filter(|&b| !may_join(in_use, memory(index), b, running.len())) {
                 if told_to_wait != Some((index, seed)) {
                     eprintln!(
                         "{} seed {seed}: waits for memory (about {:.1} GB at its peak, {:.1} GB of {:.1} GB taken)",
@@ -356,6 +356,12 @@ fn available_memory() -> Option<f64> {
     let line = meminfo.lines().find(|line| line.starts_with("MemAvailable:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024.0)
+}
+
+/// Whether a run whose peak is `peak` bytes may start beside `running` runs whose peaks add up to
+/// `in_use`, within `budget` bytes: always when it would run alone.
+fn may_join(in_use: f64, peak: f64, budget: f64, running: usize) -> bool {
+    running == 0 || in_use + peak <= budget
 }
 
 /// Trains one model with one seed (the body of a `bench models` child process).
@@ -821,4 +827,23 @@ fn phase_times(model: &Transformer, args: &ScalingArgs, device: &Device, updates
         ),
     };
     ((layer.median_s - experts.median_s).max(0.0), experts.median_s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_join;
+
+    const GB: f64 = 1e9;
+
+    #[test]
+    fn runs_join_only_within_the_memory_budget() {
+        // Two 1024² runs (14.5 GB each) on a machine with 22 GB available: the second waits.
+        assert!(may_join(0.0, 14.5 * GB, 22.0 * GB, 0));
+        assert!(!may_join(14.5 * GB, 14.5 * GB, 22.0 * GB, 1));
+        // A 512² run (3.7 GB) joins one of them.
+        assert!(may_join(14.5 * GB, 3.7 * GB, 22.0 * GB, 1));
+        // A run larger than the whole budget still starts alone, and only alone.
+        assert!(may_join(0.0, 30.0 * GB, 22.0 * GB, 0));
+        assert!(!may_join(1.0, 30.0 * GB, 22.0 * GB, 1));
+    }
 }
