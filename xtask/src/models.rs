@@ -41,8 +41,8 @@ pub struct ModelsArgs {
     /// Training runs at a time, each in a process of its own. One run keeps about 1.1 of 2
     /// cores busy (the step has serial parts), so 2 finish the benchmark in well under the
     /// time of 1; tokens/s are then per run, with the cores shared. A run joins another only
-    /// if both fit in the memory available at the start (about 56 bytes per parameter each:
-    /// the 1024² runs, 14.5 GB each, train one at a time on a 24 GiB machine).
+    /// if both fit in the memory available at the start (about 32 bytes per parameter each:
+    /// a 1024² run peaks near 8 GB, so two of them fit on a 24 GiB machine).
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
     /// √N of the PEER sweep [default: 128,256,512,1024 at full size]; the first sets the FLOPs
@@ -345,9 +345,11 @@ pub fn models(args: &ModelsArgs) {
     report_models(&size, &base, tokens, &results, wall, args.jobs.max(1));
 }
 
-/// Peak resident memory of one training run per parameter, measured on Flex: a PEER 1024² run
-/// (270 M parameters) peaked at 14.5 GB (its `VmHWM`).
-const RUN_BYTES_PER_PARAM: f64 = 56.0;
+/// Peak resident memory of one training run per parameter, measured on Flex with checkpoints
+/// streamed to disk: a PEER 1024² run (270 M parameters) peaked at 7.9 GB (14.2 GB while
+/// checkpoints were first built in memory, where a full `bench models` run measured 14.5 GB);
+/// 32 B leaves ~9% margin over the measured 29.4 B.
+const RUN_BYTES_PER_PARAM: f64 = 32.0;
 
 /// The memory the concurrent runs may share: what Linux reports available (`MemAvailable`)
 /// when the benchmark starts; `None` where it cannot be read, and then only `--jobs` limits.

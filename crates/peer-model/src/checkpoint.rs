@@ -100,6 +100,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     fs::rename(&tmp, path).map_err(io("rename", path))
 }
 
+/// Replaces `path` atomically with what `write` writes to the temporary sibling it is given
+/// (then renamed over `path`), so a large file is streamed to disk rather than first built in
+/// memory. If `write` fails, the temporary file is removed and its message is returned.
+pub fn replace_atomic<E: std::fmt::Display>(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<(), String> {
+    let tmp = temporary(path);
+    if let Err(e) = write(&tmp) {
+        fs::remove_file(&tmp).ok();
+        return Err(format!("cannot write {}: {e}", tmp.display()));
+    }
+    fs::rename(&tmp, path).map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), path.display()))
+}
+
 /// A sibling of `path` no other writer uses: process id plus a per-process counter.
 fn temporary(path: &Path) -> PathBuf {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

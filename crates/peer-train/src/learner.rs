@@ -12,7 +12,7 @@ use burn::train::checkpoint::{Checkpoint, Checkpointer, CheckpointerError};
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use peer_core::{SparseAdamWConfig, SparseAdamWState, apply_expert_updates};
 use peer_model::Transformer;
-use peer_model::checkpoint::write_atomic;
+use peer_model::checkpoint::replace_atomic;
 use serde::{Deserialize, Serialize};
 
 use crate::data::LmBatch;
@@ -119,8 +119,9 @@ impl AtomicFileCheckpointer {
 
 impl<R: Checkpoint> Checkpointer<R> for AtomicFileCheckpointer {
     fn save(&self, epoch: usize, record: R) -> Result<(), CheckpointerError> {
-        let bytes: Bytes = record.checkpoint_into_bytes().map_err(CheckpointerError::Record)?;
-        write_atomic(&self.path(epoch), &bytes).map_err(|e| CheckpointerError::Unknown(e.to_string()))
+        // Streamed to a temporary file: a 1024² model's record is 3.2 GB, and building its bytes
+        // in memory first would double the checkpoint's peak memory.
+        replace_atomic(&self.path(epoch), |tmp| record.save(tmp.to_path_buf())).map_err(CheckpointerError::Unknown)
     }
 
     fn delete(&self, epoch: usize) -> Result<(), CheckpointerError> {
