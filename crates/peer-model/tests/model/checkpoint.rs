@@ -7,7 +7,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use peer_model::checkpoint::{
     CONFIG_FILE, CheckpointError, CheckpointMeta, META_FILE, WEIGHTS_FILE, export_safetensors, import_safetensors,
-    load_model, save_model,
+    load_model, replace_atomic, save_model,
 };
 
 use super::helpers::{host, kinds, tiny, tokens};
@@ -157,4 +157,27 @@ fn configs_from_before_the_routing_options_keep_their_behaviour() {
         });
         assert_eq!(found, Some((true, KeyScoring::Dot, 0.0, Balance::SubKeys)));
     }
+}
+
+#[test]
+fn replace_atomic_keeps_the_old_file_when_the_writer_fails_and_leaves_no_temporary() {
+    let dir = scratch("replace-atomic");
+    fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("record.bpk");
+    fs::write(&path, b"old").unwrap();
+
+    // A writer that writes part of its file, then fails (a full disk, a killed serialiser).
+    let error = replace_atomic(&path, |tmp| {
+        fs::write(tmp, b"half").unwrap();
+        Err("disk full")
+    })
+    .unwrap_err();
+    assert!(error.contains("disk full"), "{error}");
+    assert_eq!(fs::read(&path).unwrap(), b"old");
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "the temporary file is removed");
+
+    replace_atomic(&path, |tmp| fs::write(tmp, b"new")).unwrap();
+    assert_eq!(fs::read(&path).unwrap(), b"new");
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "nothing but the renamed file is left");
+    fs::remove_dir_all(&dir).unwrap();
 }
