@@ -457,7 +457,7 @@ fn report_models(size: &Size, base: &TransformerConfig, tokens: f64, results: &[
         println!("{line}");
     }
     report.write(serde_json::json!({
-        "recipe": format!("{} epochs × {} steps × {} sequences × {} tokens ({} tokens), seeds 42..{} (initialisation and data order), the same seeds for every model, Flex device", size.epochs, size.steps, size.batch, size.seq_len, tokens, 42 + size.seeds),
+        "recipe": format!("{} epochs × {} steps × {} sequences × {} tokens ({} tokens), seeds 42 to {} (initialisation and data order), the same seeds for every model, Flex device", size.epochs, size.steps, size.batch, size.seq_len, tokens, 42 + size.seeds - 1),
         "matching": "the middle block of each model is sized to the FLOPs per token of the PEER block at the first N; the N sweep keeps h·k fixed",
         "evaluation": "perplexity and routing statistics over the whole validation split",
         "verdicts": verdicts,
