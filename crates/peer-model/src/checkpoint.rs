@@ -133,9 +133,8 @@ pub fn save_model(
 ) -> Result<(), CheckpointError> {
     fs::create_dir_all(dir).map_err(io("create", dir))?;
     let weights = dir.join(WEIGHTS_FILE);
-    let tmp = temporary(&weights);
-    model.clone().save_file(&tmp).map_err(|e| CheckpointError::Weights { path: tmp.clone(), reason: e.to_string() })?;
-    fs::rename(&tmp, &weights).map_err(io("rename", &weights))?;
+    replace_atomic(&weights, |tmp| model.clone().save_file(tmp))
+        .map_err(|reason| CheckpointError::Weights { path: weights.clone(), reason })?;
     let config_json = serde_json::to_string_pretty(config).expect("config serialises");
     write_atomic(&dir.join(CONFIG_FILE), config_json.as_bytes())?;
     let meta_json = serde_json::to_string_pretty(meta).expect("metadata serialises");
