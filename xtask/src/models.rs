@@ -252,21 +252,22 @@ pub fn models(args: &ModelsArgs) {
         }
     });
     let budget = available_memory();
-    let memory = |index: usize| runs[index].1.cost().params as f64 * RUN_BYTES_PER_PARAM;
+    // Each model's estimated peak, computed once rather than on every poll below.
+    let peaks: Vec<f64> = runs.iter().map(|(_, config)| config.cost().params as f64 * RUN_BYTES_PER_PARAM).collect();
     let mut told_to_wait = None;
     while !pending.is_empty() || !running.is_empty() {
         while running.len() < args.jobs.max(1)
             && let Some(&(index, seed)) = pending.last()
         {
             // A run always starts when nothing else runs; another one joins only if the
-            // estimated peaks of all of them fit in memory (two 1024² runs do not in 24 GiB).
-            let in_use: f64 = running.iter().map(|((i, _), _)| memory(*i)).sum();
-            if let Some(budget) = budget.filter(|&b| !may_join(in_use, memory(index), b, running.len())) {
+            // estimated peaks of all of them fit in memory.
+            let in_use: f64 = running.iter().map(|((i, _), _)| peaks[*i]).sum();
+            if let Some(budget) = budget.filter(|&b| !may_join(in_use, peaks[index], b, running.len())) {
                 if told_to_wait != Some((index, seed)) {
                     eprintln!(
                         "{} seed {seed}: waits for memory (about {:.1} GB at its peak, {:.1} GB of {:.1} GB taken)",
                         runs[index].0,
-                        memory(index) / 1e9,
+                        peaks[index] / 1e9,
                         in_use / 1e9,
                         budget / 1e9
                     );
@@ -839,10 +840,11 @@ mod tests {
 
     #[test]
     fn runs_join_only_within_the_memory_budget() {
-        // Two 1024² runs (14.5 GB each) on a machine with 22 GB available: the second waits.
+        // Two runs of 14.5 GB each (what a 1024² run took while checkpoints were built in
+        // memory) on a machine with 22 GB available: the second waits.
         assert!(may_join(0.0, 14.5 * GB, 22.0 * GB, 0));
         assert!(!may_join(14.5 * GB, 14.5 * GB, 22.0 * GB, 1));
-        // A 512² run (3.7 GB) joins one of them.
+        // A 3.7 GB run joins one of them.
         assert!(may_join(14.5 * GB, 3.7 * GB, 22.0 * GB, 1));
         // A run larger than the whole budget still starts alone, and only alone.
         assert!(may_join(0.0, 30.0 * GB, 22.0 * GB, 0));
