@@ -72,6 +72,20 @@ fn assert_clean_error(o: &Output, expected: &[&str]) {
     }
 }
 
+/// `--seed` sets both seeds, `--data-seed` the data order's alone.
+#[test]
+fn seeds_from_the_command_line() {
+    let config = |args: &[&str]| -> serde_json::Value {
+        let o = run(peer().arg("train").args(args).arg("--print-config"));
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let both = config(&["--seed", "5"]);
+    assert_eq!((&both["seed"], &both["data_seed"]), (&serde_json::json!(5), &serde_json::Value::Null));
+    let split = config(&["--seed", "5", "--data-seed", "6"]);
+    assert_eq!((&split["seed"], &split["data_seed"]), (&serde_json::json!(5), &serde_json::json!(6)));
+}
+
 /// `--ffn` swaps the PEER block for a FLOP-matched baseline; `--num-experts/--heads/--top-k`
 /// resize it; bad values are one-line errors naming the flag's field.
 #[test]

@@ -145,9 +145,12 @@ struct TrainArgs {
     /// Override: BPE vocabulary size.
     #[arg(long)]
     vocab_size: Option<usize>,
-    /// Override: seed.
+    /// Override: seed (initialisation, and the data order unless `--data-seed` is given).
     #[arg(long)]
     seed: Option<u64>,
+    /// Override: seed of the data order alone.
+    #[arg(long)]
+    data_seed: Option<u64>,
     /// Override: how PEER expert tables are trained (`sparse`: only the retrieved rows, lazy
     /// AdamW; `dense`: autodiff and AdamW over every row).
     #[arg(long, value_enum)]
@@ -281,6 +284,9 @@ fn run_train(args: TrainArgs) -> Result<(), TrainError> {
     }
     if let Some(v) = args.seed {
         config.seed = v;
+    }
+    if let Some(v) = args.data_seed {
+        config.data_seed = Some(v);
     }
     if let Some(v) = args.expert_updates {
         config.expert_updates = match v {

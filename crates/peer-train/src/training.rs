@@ -77,9 +77,14 @@ pub struct TrainingConfig {
     /// Gradient clipping by norm, per parameter tensor (Burn's rule).
     #[config(default = 1.0)]
     pub grad_clip_norm: f64,
-    /// Seed of the data sampler and of Burn's parameter initialisation.
+    /// Seed of Burn's parameter initialisation, and of the data sampler unless `data_seed` is set.
     #[config(default = 42)]
     pub seed: u64,
+    /// Seed of the data sampler alone (which training windows each epoch draws, in what order);
+    /// `None`: `seed`. Setting it apart from `seed` tells the spread that the initialisation
+    /// causes from the spread that the data order causes.
+    #[config(default = "None")]
+    pub data_seed: Option<u64>,
     /// At most this many validation windows are evaluated per epoch (evenly spaced); the final
     /// evaluation covers the whole validation split.
     #[config(default = 64)]
@@ -114,6 +119,11 @@ impl TrainingConfig {
     /// The number of optimizer steps of the whole run.
     pub fn total_steps(&self) -> usize {
         self.epochs * self.steps_per_epoch
+    }
+
+    /// The seed of the data sampler: `data_seed`, or `seed` where it is not set.
+    pub fn data_order_seed(&self) -> u64 {
+        self.data_seed.unwrap_or(self.seed)
     }
 
     /// Warm-up steps actually used: `warmup_steps`, at most a fifth of the run, at least 1.
@@ -273,7 +283,7 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
     let train_windows = TokenWindows::new(data.train.clone(), seq_len, seq_len).expect("checked");
     let train_set = SamplerDataset::new(
         train_windows,
-        SamplerDatasetOptions::from(config.steps_per_epoch * config.batch_size).with_seed(config.seed),
+        SamplerDatasetOptions::from(config.steps_per_epoch * config.batch_size).with_seed(config.data_order_seed()),
     );
     let valid_set = data.validation_windows(seq_len, config.max_validation_windows);
     let loader_train = DataLoaderBuilder::new(LmBatcher)
@@ -573,6 +583,20 @@ fn training_config_from_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_data_order_follows_seed_unless_data_seed_is_set() {
+        let mut config = TrainingConfig::small_peer();
+        config.seed = 7;
+        assert_eq!(config.data_order_seed(), 7);
+        config.data_seed = Some(9);
+        assert_eq!((config.seed, config.data_order_seed()), (7, 9));
+        // A configuration written before the field existed keeps one seed for both.
+        let mut old = serde_json::to_value(TrainingConfig::small_peer()).unwrap();
+        assert!(old.as_object_mut().unwrap().remove("data_seed").is_some());
+        let old = training_config_from_json(old, ExpertUpdates::Sparse).unwrap();
+        assert_eq!((old.data_seed, old.data_order_seed()), (None, 42));
+    }
 
     #[test]
     fn load_curve_samples_used_ranks_on_a_log_scale() {
