@@ -26,6 +26,7 @@ pub fn train_and_sample(device: Device, out: &str) {
             device: device.clone(),
             artifact_dir: PathBuf::from(out),
             resume: false,
+            checkpoints: true,
         })?;
         let e = &summary.evaluation;
         println!("validation perplexity {:.2} (unigram {:.2})", e.perplexity, e.unigram_perplexity);

@@ -349,7 +349,8 @@ pub fn models(args: &ModelsArgs) {
 /// Peak resident memory of one training run per parameter, measured on Flex with checkpoints
 /// streamed to disk: a PEER 1024² run (270 M parameters) peaked at 7.9 GB (14.2 GB while
 /// checkpoints were first built in memory, where a full `bench models` run measured 14.5 GB);
-/// 32 B leaves ~9% margin over the measured 29.4 B.
+/// 32 B leaves ~9% margin over the measured 29.4 B. The benchmark's runs write no checkpoints,
+/// so this is an upper bound for them.
 const RUN_BYTES_PER_PARAM: f64 = 32.0;
 
 /// The memory the concurrent runs may share: what Linux reports available (`MemAvailable`)
@@ -384,9 +385,18 @@ fn train_one(
     config.warmup_steps = size.steps / 2;
     config.seed = 42 + seed as u64;
     let start = Instant::now();
-    let summary =
-        train(TrainOptions { config, corpus, tokenizer, device: Device::flex(), artifact_dir: dir, resume: false })
-            .expect("training");
+    // No checkpoints: a killed run is trained again from its start (`--resume` skips finished
+    // runs only), so they would never be read, and at 1024² each is 3.2 GB written every epoch.
+    let options = TrainOptions {
+        config,
+        corpus,
+        tokenizer,
+        device: Device::flex(),
+        artifact_dir: dir,
+        resume: false,
+        checkpoints: false,
+    };
+    let summary = train(options).expect("training");
     let e = summary.evaluation;
     RunResult {
         perplexity: e.perplexity,

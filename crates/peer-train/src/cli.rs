@@ -329,6 +329,7 @@ fn run_train(args: TrainArgs) -> Result<(), TrainError> {
         device: device.clone(),
         artifact_dir: args.out.clone(),
         resume: args.resume,
+        checkpoints: true,
     })?;
     print_evaluation(&summary.evaluation, &args.out, &tokenizer);
     println!("model saved to {}", summary.model_dir.display());

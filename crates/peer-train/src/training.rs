@@ -225,6 +225,13 @@ pub struct TrainOptions<'a> {
     pub artifact_dir: PathBuf,
     /// Continue from the newest complete checkpoint in `artifact_dir`.
     pub resume: bool,
+    /// Write a checkpoint of the model, optimizer and schedule after every epoch (the last two
+    /// are kept), so that a killed run can continue with `resume`. Turn it off only where a
+    /// killed run is started again from scratch, as `bench models` does: a checkpoint is about
+    /// 12 bytes per parameter (3.2 GB for a million-expert model) and writing it slows the next
+    /// epoch. With `resume` and no checkpoints, the run continues from the newest checkpoint it
+    /// finds and writes no new ones.
+    pub checkpoints: bool,
 }
 
 /// What `run.json` records so `--resume` continues the same run.
@@ -236,7 +243,7 @@ struct RunRecord {
 
 /// Trains a language model with Burn's learner; see [`TrainOptions`].
 pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
-    let TrainOptions { mut config, corpus, tokenizer, device, artifact_dir, resume } = options;
+    let TrainOptions { mut config, corpus, tokenizer, device, artifact_dir, resume, checkpoints } = options;
     config.model.vocab_size = tokenizer.vocab_size();
     config.validate().map_err(|source| TrainError::Config { context: "training configuration".into(), source })?;
     let checkpoint_dir = artifact_dir.join("checkpoint");
@@ -343,14 +350,17 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
         .metric_valid_numeric(PerplexityMetric::new())
         .metric_train_numeric(LearningRateMetric::new())
         .metric_train_numeric(TokensPerSecondMetric::default())
-        .with_custom_checkpointers(
-            AtomicFileCheckpointer::new(&checkpoint_dir, "model"),
-            AtomicFileCheckpointer::new(&checkpoint_dir, "optim"),
-            AtomicFileCheckpointer::new(&checkpoint_dir, "scheduler"),
-        )
-        .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
         .num_epochs(config.epochs)
         .summary();
+    if checkpoints {
+        training = training
+            .with_custom_checkpointers(
+                AtomicFileCheckpointer::new(&checkpoint_dir, "model"),
+                AtomicFileCheckpointer::new(&checkpoint_dir, "optim"),
+                AtomicFileCheckpointer::new(&checkpoint_dir, "scheduler"),
+            )
+            .with_checkpointing_strategy(KeepLastNCheckpoints::new(2));
+    }
     if has_experts {
         for statistic in [RoutingStatistic::Usage, RoutingStatistic::Unevenness, RoutingStatistic::TopShare] {
             training = training
@@ -378,7 +388,10 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
     if let Some(error) = result.error {
         return Err(TrainError::Training(error.to_string()));
     }
-    let completed = last_complete_checkpoint(&checkpoint_dir).unwrap_or(config.epochs);
+    let completed = match checkpoints {
+        true => last_complete_checkpoint(&checkpoint_dir).unwrap_or(config.epochs),
+        false => config.epochs,
+    };
     let transformer = result.model.transformer.valid();
 
     let model_dir = artifact_dir.join("model");
@@ -596,6 +609,52 @@ mod tests {
         assert!(old.as_object_mut().unwrap().remove("data_seed").is_some());
         let old = training_config_from_json(old, ExpertUpdates::Sparse).unwrap();
         assert_eq!((old.data_seed, old.data_order_seed()), (None, 42));
+    }
+
+    /// A tiny PEER LM trained for 2 × 4 steps on one book, with and without checkpoints.
+    fn train_tiny(dir: &Path, checkpoints: bool) -> TrainSummary {
+        let corpus_dir = dir.join("corpus");
+        std::fs::create_dir_all(&corpus_dir).unwrap();
+        std::fs::copy(crate::corpus::bundled_corpus().join("08-ruth.txt"), corpus_dir.join("08-ruth.txt")).unwrap();
+        let corpus = Corpus::load(&corpus_dir).unwrap();
+        let tokenizer = TextTokenizer::for_corpus(&corpus, 300).unwrap();
+        let peer = PeerConfig::new(32, 64).with_heads(2).with_top_k(4).with_key_dim(16);
+        let model = TransformerConfig::dense(300, 32, 2, 2, 32, 64).with_middle_block(FeedForwardConfig::Peer(peer));
+        let mut config = TrainingConfig::new(model);
+        config.vocab_size = 300;
+        config.batch_size = 2;
+        config.epochs = 2;
+        config.steps_per_epoch = 4;
+        config.warmup_steps = 1;
+        config.max_validation_windows = 2;
+        let artifact_dir = dir.join("run");
+        let options = TrainOptions {
+            config,
+            corpus: &corpus,
+            tokenizer: &tokenizer,
+            device: Device::flex(),
+            artifact_dir,
+            resume: false,
+            checkpoints,
+        };
+        train(options).unwrap()
+    }
+
+    #[test]
+    fn checkpoints_are_written_only_when_asked_for() {
+        let dir = std::env::temp_dir().join(format!("peer-train-checkpoints-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let complete = |run: &Path| last_complete_checkpoint(&run.join("checkpoint"));
+
+        let summary = train_tiny(&dir.join("with"), true);
+        assert_eq!(complete(&dir.join("with/run")), Some(2), "a checkpoint of the last epoch");
+        assert_eq!(summary.steps, 8);
+
+        let summary = train_tiny(&dir.join("without"), false);
+        assert!(!dir.join("without/run/checkpoint").exists(), "no checkpoint folder");
+        assert_eq!(summary.steps, 8, "the step count does not come from a checkpoint");
+        assert!(summary.model_dir.join("model.bpk").exists() && summary.evaluation.perplexity.is_finite());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
