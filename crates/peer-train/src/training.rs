@@ -388,10 +388,8 @@ pub fn train(options: TrainOptions<'_>) -> Result<TrainSummary, TrainError> {
     if let Some(error) = result.error {
         return Err(TrainError::Training(error.to_string()));
     }
-    let completed = match checkpoints {
-        true => last_complete_checkpoint(&checkpoint_dir).unwrap_or(config.epochs),
-        false => config.epochs,
-    };
+    let completed =
+        if checkpoints { last_complete_checkpoint(&checkpoint_dir).unwrap_or(config.epochs) } else { config.epochs };
     let transformer = result.model.transformer.valid();
 
     let model_dir = artifact_dir.join("model");
@@ -611,13 +609,13 @@ mod tests {
         assert_eq!((old.data_seed, old.data_order_seed()), (None, 42));
     }
 
-    /// A tiny PEER LM trained for 2 × 4 steps on one book, with and without checkpoints.
-    fn train_tiny(dir: &Path, checkpoints: bool) -> TrainSummary {
-        let corpus_dir = dir.join("corpus");
-        std::fs::create_dir_all(&corpus_dir).unwrap();
-        std::fs::copy(crate::corpus::bundled_corpus().join("08-ruth.txt"), corpus_dir.join("08-ruth.txt")).unwrap();
-        let corpus = Corpus::load(&corpus_dir).unwrap();
-        let tokenizer = TextTokenizer::for_corpus(&corpus, 300).unwrap();
+    /// A tiny PEER LM trained for 2 × 4 steps on `corpus`, with or without checkpoints.
+    fn train_tiny(
+        corpus: &Corpus,
+        tokenizer: &TextTokenizer,
+        artifact_dir: PathBuf,
+        checkpoints: bool,
+    ) -> TrainSummary {
         let peer = PeerConfig::new(32, 64).with_heads(2).with_top_k(4).with_key_dim(16);
         let model = TransformerConfig::dense(300, 32, 2, 2, 32, 64).with_middle_block(FeedForwardConfig::Peer(peer));
         let mut config = TrainingConfig::new(model);
@@ -627,11 +625,10 @@ mod tests {
         config.steps_per_epoch = 4;
         config.warmup_steps = 1;
         config.max_validation_windows = 2;
-        let artifact_dir = dir.join("run");
         let options = TrainOptions {
             config,
-            corpus: &corpus,
-            tokenizer: &tokenizer,
+            corpus,
+            tokenizer,
             device: Device::flex(),
             artifact_dir,
             resume: false,
@@ -644,14 +641,19 @@ mod tests {
     fn checkpoints_are_written_only_when_asked_for() {
         let dir = std::env::temp_dir().join(format!("peer-train-checkpoints-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let complete = |run: &Path| last_complete_checkpoint(&run.join("checkpoint"));
+        // One book, so the tokenizer trains in a blink (once, for both runs).
+        let corpus_dir = dir.join("corpus");
+        std::fs::create_dir_all(&corpus_dir).unwrap();
+        std::fs::copy(crate::corpus::bundled_corpus().join("08-ruth.txt"), corpus_dir.join("08-ruth.txt")).unwrap();
+        let corpus = Corpus::load(&corpus_dir).unwrap();
+        let tokenizer = TextTokenizer::for_corpus(&corpus, 300).unwrap();
 
-        let summary = train_tiny(&dir.join("with"), true);
-        assert_eq!(complete(&dir.join("with/run")), Some(2), "a checkpoint of the last epoch");
+        let summary = train_tiny(&corpus, &tokenizer, dir.join("with"), true);
+        assert_eq!(last_complete_checkpoint(&dir.join("with/checkpoint")), Some(2), "a checkpoint of the last epoch");
         assert_eq!(summary.steps, 8);
 
-        let summary = train_tiny(&dir.join("without"), false);
-        assert!(!dir.join("without/run/checkpoint").exists(), "no checkpoint folder");
+        let summary = train_tiny(&corpus, &tokenizer, dir.join("without"), false);
+        assert!(!dir.join("without/checkpoint").exists(), "no checkpoint folder");
         assert_eq!(summary.steps, 8, "the step count does not come from a checkpoint");
         assert!(summary.model_dir.join("model.bpk").exists() && summary.evaluation.perplexity.is_finite());
         std::fs::remove_dir_all(&dir).unwrap();
